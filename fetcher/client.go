@@ -92,6 +92,9 @@ type Options struct {
 	// else STREAMER_REGISTRY_USERNAME/STREAMER_REGISTRY_PASSWORD; else the
 	// docker config.
 	Username, Password string
+	// HostCredentials are per-host credentials ("host" or "host:port"),
+	// consulted before all of the above.
+	HostCredentials map[string]Credential
 	// Mirrors maps a registry host to mirror hosts tried first, in order,
 	// for reads (resolve, manifests, blobs, range reads). Writes always go
 	// to the registry itself.
@@ -209,7 +212,26 @@ func New(opts Options) (*Client, error) {
 	return c, nil
 }
 
+// Credential is a username and password (or identity token) for a registry.
+type Credential struct{ Username, Password string }
+
 func (c *Client) credentialFunc() (auth.CredentialFunc, error) {
+	fallback, err := c.defaultCredentialFunc()
+	if err != nil || len(c.opts.HostCredentials) == 0 {
+		return fallback, err
+	}
+	return func(ctx context.Context, host string) (auth.Credential, error) {
+		if cr, ok := c.opts.HostCredentials[host]; ok {
+			return auth.Credential{Username: cr.Username, Password: cr.Password}, nil
+		}
+		if fallback == nil {
+			return auth.EmptyCredential, nil
+		}
+		return fallback(ctx, host)
+	}, nil
+}
+
+func (c *Client) defaultCredentialFunc() (auth.CredentialFunc, error) {
 	user, pass := c.opts.Username, c.opts.Password
 	if user == "" && pass == "" {
 		user, pass = os.Getenv(EnvUsername), os.Getenv(EnvPassword)

@@ -1,0 +1,417 @@
+package fs
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/streamer-dev/streamer/artifact"
+	"github.com/streamer-dev/streamer/cache"
+	"github.com/streamer-dev/streamer/fetcher"
+)
+
+// Labels containerd (CRI, or a client using snapshotters.AppendInfoHandlerWrapper)
+// attaches to the snapshots of an image's layers.
+const (
+	LabelImageRef       = "containerd.io/snapshot/cri.image-ref"
+	LabelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
+	LabelLayerDigest    = "containerd.io/snapshot/cri.layer-digest"
+	LabelImageLayers    = "containerd.io/snapshot/cri.image-layers"
+)
+
+// ErrNotStreamable is returned by Mount when a layer cannot be streamed (no
+// artifact, lookup failed, labels missing): the caller pulls it normally.
+var ErrNotStreamable = errors.New("layer not streamable")
+
+// Registry is what the Manager needs of a registry client; *fetcher.Client
+// satisfies it.
+type Registry interface {
+	RangeReader
+	FindArtifact(ctx context.Context, ref fetcher.Ref, subject ocispec.Descriptor) (*artifact.Manifest, ocispec.Descriptor, error)
+	FetchBlob(ctx context.Context, ref fetcher.Ref, desc ocispec.Descriptor) (io.ReadCloser, error)
+}
+
+// ManagerOptions configure a Manager. Zero values take the defaults noted.
+type ManagerOptions struct {
+	Root     string // layer records and TOCs live here
+	Registry Registry
+	Cache    *cache.Store
+	// Concurrency bounds simultaneous range requests per layer (default 8).
+	Concurrency int
+	// MaxCoalesce bounds the compressed bytes of one range request (default 4 MiB).
+	MaxCoalesce int64
+	// ReadTimeout bounds one FUSE read (default 60s).
+	ReadTimeout time.Duration
+	// NegativeTTL is how long "no artifact" is remembered per manifest (default 30s).
+	NegativeTTL time.Duration
+	Logger      *logrus.Entry
+}
+
+// Manager mounts the layers of streamed images: it finds an image's
+// streaming artifact, keeps each layer's TOC on local disk and serves the
+// layer through FUSE. A layer mounted once can be mounted again without
+// the registry, from its local record (restart and reboot).
+type Manager struct {
+	opts    ManagerOptions
+	log     *logrus.Entry
+	stats   counters
+	lookups singleflight.Group
+
+	mu          sync.Mutex
+	artifacts   map[digest.Digest]lookup // by image manifest digest
+	mounts      map[string]*layerMount   // by mountpoint
+	mountsTotal int64
+	fallbacks   int64
+}
+
+type lookup struct {
+	m   *artifact.Manifest
+	err error
+	at  time.Time
+}
+
+type layerMount struct {
+	layer digest.Digest
+	toc   *artifact.TOC
+	fs    *Mounted
+}
+
+// layerRecord is what a layer needs to be mounted again without the registry.
+type layerRecord struct {
+	Ref  string              `json:"ref"`
+	Blob artifact.Descriptor `json:"blob"`
+	TOC  artifact.Descriptor `json:"toc"`
+}
+
+// NewManager returns a Manager keeping its records under opts.Root.
+func NewManager(opts ManagerOptions) (*Manager, error) {
+	if opts.Registry == nil || opts.Cache == nil || opts.Root == "" {
+		return nil, errors.New("new manager: root, registry and cache are required")
+	}
+	if opts.Concurrency <= 0 {
+		opts.Concurrency = 8
+	}
+	if opts.MaxCoalesce <= 0 {
+		opts.MaxCoalesce = 4 << 20
+	}
+	if opts.ReadTimeout <= 0 {
+		opts.ReadTimeout = 60 * time.Second
+	}
+	if opts.NegativeTTL <= 0 {
+		opts.NegativeTTL = 30 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = logrus.NewEntry(logrus.StandardLogger())
+	}
+	for _, d := range []string{recordDir(opts.Root), tocDir(opts.Root)} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("new manager: %w", err)
+		}
+	}
+	return &Manager{
+		opts:      opts,
+		log:       opts.Logger,
+		artifacts: map[digest.Digest]lookup{},
+		mounts:    map[string]*layerMount{},
+	}, nil
+}
+
+// Paths under the root: one function each, nothing else builds them.
+func recordDir(root string) string { return filepath.Join(root, "layers") }
+func tocDir(root string) string    { return filepath.Join(root, "tocs") }
+func recordPath(root string, layer digest.Digest) string {
+	return filepath.Join(recordDir(root), layer.Encoded()+".json")
+}
+func tocPath(root string, toc digest.Digest) string {
+	return filepath.Join(tocDir(root), toc.Encoded())
+}
+
+// Mount mounts the layer that labels name at mountpoint. It returns an error
+// wrapping ErrNotStreamable when the layer has to be pulled normally.
+func (m *Manager) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
+	err := m.mount(ctx, mountpoint, labels)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		if errors.Is(err, ErrNotStreamable) {
+			m.fallbacks++
+		}
+		return err
+	}
+	m.mountsTotal++
+	return nil
+}
+
+func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[string]string) error {
+	layer, err := digest.Parse(labels[LabelLayerDigest])
+	if err != nil {
+		return fmt.Errorf("%w: label %s: %v", ErrNotStreamable, LabelLayerDigest, err)
+	}
+	log := m.log.WithFields(logrus.Fields{"image": labels[LabelImageRef], "layer": layer})
+
+	// A layer mounted before mounts again from its local record, without
+	// the registry: restarts and reboots do not depend on it.
+	rec, toc, err := m.localLayer(layer)
+	if err != nil {
+		log.WithError(err).Debug("no usable local record")
+		rec, toc, err = m.remoteLayer(ctx, layer, labels, log)
+		if err != nil {
+			return err
+		}
+	}
+	ref, err := fetcher.ParseRef(rec.Ref)
+	if err != nil {
+		return fmt.Errorf("mount layer %s: record ref: %w", layer, err)
+	}
+	r := &remoteReader{
+		src:         m.opts.Registry,
+		ref:         ref,
+		blob:        rec.Blob.Digest,
+		cache:       m.opts.Cache,
+		sem:         make(chan struct{}, m.opts.Concurrency),
+		maxCoalesce: m.opts.MaxCoalesce,
+		log:         log,
+		stats:       &m.stats,
+	}
+	mnt, err := Mount(mountpoint, toc, r, Options{
+		ReadTimeout: m.opts.ReadTimeout,
+		Logger:      log,
+		FSName:      "streamer:" + layer.Encoded()[:12],
+	})
+	if err != nil {
+		return fmt.Errorf("mount layer %s at %s: %w", layer, mountpoint, err)
+	}
+	m.mu.Lock()
+	m.mounts[mountpoint] = &layerMount{layer: layer, toc: toc, fs: mnt}
+	m.mu.Unlock()
+	log.WithFields(logrus.Fields{"op": "mount", "files": len(toc.Entries), "chunks": len(toc.Chunks)}).Info("layer mounted")
+	return nil
+}
+
+// localLayer loads a layer's record and verified TOC from disk.
+func (m *Manager) localLayer(layer digest.Digest) (layerRecord, *artifact.TOC, error) {
+	var rec layerRecord
+	b, err := os.ReadFile(recordPath(m.opts.Root, layer))
+	if err != nil {
+		return rec, nil, err
+	}
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return rec, nil, fmt.Errorf("layer record %s: %w", layer, err)
+	}
+	tb, err := os.ReadFile(tocPath(m.opts.Root, rec.TOC.Digest))
+	if err != nil {
+		return rec, nil, err
+	}
+	if digest.FromBytes(tb) != rec.TOC.Digest {
+		return rec, nil, fmt.Errorf("local TOC %s: %w", rec.TOC.Digest, artifact.ErrDigestMismatch)
+	}
+	toc, err := decodeLayerTOC(tb, layer)
+	return rec, toc, err
+}
+
+// remoteLayer finds the layer in the image's streaming artifact, fetches
+// its TOC and records both on disk.
+func (m *Manager) remoteLayer(ctx context.Context, layer digest.Digest, labels map[string]string, log *logrus.Entry) (layerRecord, *artifact.TOC, error) {
+	var rec layerRecord
+	ref, err := fetcher.ParseRef(labels[LabelImageRef])
+	if err != nil {
+		return rec, nil, fmt.Errorf("%w: label %s: %v", ErrNotStreamable, LabelImageRef, err)
+	}
+	manifest, err := digest.Parse(labels[LabelManifestDigest])
+	if err != nil {
+		return rec, nil, fmt.Errorf("%w: label %s: %v", ErrNotStreamable, LabelManifestDigest, err)
+	}
+	art, err := m.findArtifact(ctx, ref, manifest, log)
+	if err != nil {
+		return rec, nil, err
+	}
+	l, ok := art.Layer(layer)
+	if !ok {
+		return rec, nil, fmt.Errorf("%w: artifact of %s has no layer %s", ErrNotStreamable, manifest, layer)
+	}
+	rc, err := m.opts.Registry.FetchBlob(ctx, ref, ocispec.Descriptor{MediaType: l.TOC.MediaType, Digest: l.TOC.Digest, Size: l.TOC.Size})
+	if err != nil {
+		return rec, nil, fmt.Errorf("%w: fetch TOC %s of layer %s: %v", ErrNotStreamable, l.TOC.Digest, layer, err)
+	}
+	tb, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		return rec, nil, fmt.Errorf("%w: fetch TOC %s of layer %s: %v", ErrNotStreamable, l.TOC.Digest, layer, err)
+	}
+	toc, err := decodeLayerTOC(tb, layer)
+	if err != nil {
+		return rec, nil, fmt.Errorf("%w: %v", ErrNotStreamable, err)
+	}
+	rec = layerRecord{Ref: ref.Name(), Blob: l.Blob, TOC: l.TOC}
+	if err := writeAtomic(tocPath(m.opts.Root, l.TOC.Digest), tb); err != nil {
+		return rec, nil, fmt.Errorf("store TOC of layer %s: %w", layer, err)
+	}
+	rb, _ := json.Marshal(rec)
+	if err := writeAtomic(recordPath(m.opts.Root, layer), rb); err != nil {
+		return rec, nil, fmt.Errorf("store record of layer %s: %w", layer, err)
+	}
+	return rec, toc, nil
+}
+
+func decodeLayerTOC(b []byte, layer digest.Digest) (*artifact.TOC, error) {
+	toc, err := artifact.DecodeTOC(bytes.NewReader(b), artifact.Limits{})
+	if err != nil {
+		return nil, fmt.Errorf("decode TOC of layer %s: %w", layer, err)
+	}
+	if toc.Layer != layer {
+		return nil, fmt.Errorf("TOC of layer %s names layer %s: %w", layer, toc.Layer, artifact.ErrInvalidTOC)
+	}
+	return toc, nil
+}
+
+// findArtifact looks up an image's streaming artifact once per manifest:
+// found artifacts are remembered, "none" for NegativeTTL.
+func (m *Manager) findArtifact(ctx context.Context, ref fetcher.Ref, manifest digest.Digest, log *logrus.Entry) (*artifact.Manifest, error) {
+	m.mu.Lock()
+	l, ok := m.artifacts[manifest]
+	m.mu.Unlock()
+	if ok && (l.err == nil || time.Since(l.at) < m.opts.NegativeTTL) {
+		return l.m, l.err
+	}
+	v, _, _ := m.lookups.Do(manifest.String(), func() (any, error) {
+		art, _, err := m.opts.Registry.FindArtifact(ctx, ref, ocispec.Descriptor{Digest: manifest})
+		l := lookup{m: art, at: time.Now()}
+		if err != nil {
+			l.err = fmt.Errorf("%w: find artifact of %s: %v", ErrNotStreamable, manifest, err)
+			log.WithError(err).WithField("op", "lookup").Info("no streaming artifact; layers of this image are pulled normally")
+		}
+		m.mu.Lock()
+		m.artifacts[manifest] = l
+		m.mu.Unlock()
+		return l, nil
+	})
+	l = v.(lookup)
+	return l.m, l.err
+}
+
+// Check reports whether the layer mounted at mountpoint still answers.
+func (m *Manager) Check(ctx context.Context, mountpoint string, labels map[string]string) error {
+	m.mu.Lock()
+	lm, ok := m.mounts[mountpoint]
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("check %s: not mounted by this daemon", mountpoint)
+	}
+	if _, err := os.Stat(mountpoint); err != nil {
+		return fmt.Errorf("check layer %s at %s: %w", lm.layer, mountpoint, err)
+	}
+	return nil
+}
+
+// Unmount unmounts the layer at mountpoint. Its local record stays, so the
+// layer mounts again without the registry.
+func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
+	m.mu.Lock()
+	lm, ok := m.mounts[mountpoint]
+	delete(m.mounts, mountpoint)
+	m.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if err := lm.fs.Unmount(); err != nil {
+		return fmt.Errorf("unmount layer %s at %s: %w", lm.layer, mountpoint, err)
+	}
+	return nil
+}
+
+// Usage returns the bytes of the layer at mountpoint held on this node: its
+// chunks in the cache (each counted once) and its TOC.
+func (m *Manager) Usage(ctx context.Context, mountpoint string) (int64, int64, error) {
+	m.mu.Lock()
+	lm, ok := m.mounts[mountpoint]
+	m.mu.Unlock()
+	if !ok {
+		return 0, 0, fmt.Errorf("usage of %s: not mounted by this daemon", mountpoint)
+	}
+	seen := make(map[digest.Digest]bool, len(lm.toc.Chunks))
+	var size, inodes int64
+	for _, c := range lm.toc.Chunks {
+		if seen[c.Digest] {
+			continue
+		}
+		seen[c.Digest] = true
+		if m.opts.Cache.Has(c.Digest) {
+			size += c.Size
+		}
+	}
+	inodes = int64(len(lm.toc.Entries))
+	return size, inodes, nil
+}
+
+// Close unmounts every layer this Manager mounted.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	mps := make([]string, 0, len(m.mounts))
+	for mp := range m.mounts {
+		mps = append(mps, mp)
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, mp := range mps {
+		errs = append(errs, m.Unmount(context.Background(), mp))
+	}
+	return errors.Join(errs...)
+}
+
+// ManagerStats are counters for metrics.
+type ManagerStats struct {
+	Mounted       int   // layers mounted now
+	MountsTotal   int64 // layers mounted since start
+	Fallbacks     int64 // layers left to an ordinary pull
+	FetchedBytes  int64 // compressed bytes read from registries
+	FetchRequests int64
+	BadChunks     int64 // chunks that failed verification
+}
+
+// Stats returns the Manager's counters.
+func (m *Manager) Stats() ManagerStats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return ManagerStats{
+		Mounted:       len(m.mounts),
+		MountsTotal:   m.mountsTotal,
+		Fallbacks:     m.fallbacks,
+		FetchedBytes:  m.stats.fetchedBytes.Load(),
+		FetchRequests: m.stats.fetchRequests.Load(),
+		BadChunks:     m.stats.badChunks.Load(),
+	}
+}
+
+// writeAtomic writes b to path through a temp file and a rename, so a
+// crash never leaves a partial file that looks whole.
+func writeAtomic(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}

@@ -1,0 +1,336 @@
+package fs_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/streamer-dev/streamer/artifact"
+	"github.com/streamer-dev/streamer/cache"
+	"github.com/streamer-dev/streamer/fetcher"
+	"github.com/streamer-dev/streamer/fs"
+	"github.com/streamer-dev/streamer/internal/testenv"
+)
+
+// streamedImage is an image pushed with its streaming artifact.
+type streamedImage struct {
+	ref      string // through the proxy
+	manifest digest.Digest
+	layer    digest.Digest
+	tar      []byte
+}
+
+// pushStreamedImage pushes a one-layer image made of tarBytes and, if
+// withArtifact, its streaming artifact, to reg.
+func pushStreamedImage(t *testing.T, c *fetcher.Client, host, repo string, tarBytes []byte, withArtifact bool) streamedImage {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ref, err := fetcher.ParseRef(host + "/" + repo + ":v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	push := func(mt string, b []byte) ocispec.Descriptor {
+		d := ocispec.Descriptor{MediaType: mt, Digest: digest.FromBytes(b), Size: int64(len(b))}
+		if err := c.PushBlob(ctx, ref, d, bytes.NewReader(b)); err != nil {
+			t.Fatalf("push blob: %v", err)
+		}
+		return d
+	}
+	layerDesc := push(ocispec.MediaTypeImageLayer, tarBytes)
+	cfg, _ := json.Marshal(ocispec.Image{
+		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
+		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{layerDesc.Digest}},
+	})
+	cfgDesc := push(ocispec.MediaTypeImageConfig, cfg)
+	mb, _ := json.Marshal(ocispec.Manifest{
+		Versioned: specs.Versioned{SchemaVersion: 2},
+		MediaType: ocispec.MediaTypeImageManifest,
+		Config:    cfgDesc,
+		Layers:    []ocispec.Descriptor{layerDesc},
+	})
+	subject, err := c.PushManifest(ctx, ref, ocispec.MediaTypeImageManifest, mb, "v1")
+	if err != nil {
+		t.Fatalf("push manifest: %v", err)
+	}
+	img := streamedImage{ref: ref.String(), manifest: subject.Digest, layer: layerDesc.Digest, tar: tarBytes}
+	if !withArtifact {
+		return img
+	}
+	l := buildLayer(t, tarBytes, artifact.MinChunkSize)
+	l.toc.Layer = layerDesc.Digest
+	tb, tocDigest, err := l.toc.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobDesc := push(artifact.MediaTypeStreamingLayer, l.blob)
+	push(artifact.MediaTypeTOC, tb)
+	push(artifact.MediaTypeConfig, artifact.EmptyConfigBytes)
+	am, err := artifact.BuildManifest(subject, []artifact.Layer{{
+		Original: layerDesc.Digest,
+		DiffID:   layerDesc.Digest,
+		Blob:     artifact.Descriptor{MediaType: artifact.MediaTypeStreamingLayer, Digest: blobDesc.Digest, Size: blobDesc.Size},
+		TOC:      artifact.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDigest, Size: int64(len(tb))},
+	}}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ad, err := c.PushManifest(ctx, ref, ocispec.MediaTypeImageManifest, am, "")
+	if err != nil {
+		t.Fatalf("push artifact: %v", err)
+	}
+	if err := c.AddReferrer(ctx, ref, subject, ad); err != nil {
+		t.Fatalf("add referrer: %v", err)
+	}
+	return img
+}
+
+func (img streamedImage) labels() map[string]string {
+	return map[string]string{
+		fs.LabelImageRef:       img.ref,
+		fs.LabelManifestDigest: img.manifest.String(),
+		fs.LabelLayerDigest:    img.layer.String(),
+	}
+}
+
+type managerEnv struct {
+	reg    *testenv.Reg
+	proxy  *testenv.Proxy
+	client *fetcher.Client
+	cache  *cache.Store
+	root   string
+}
+
+func newManagerEnv(t *testing.T) *managerEnv {
+	t.Helper()
+	requireFUSE(t)
+	reg := testenv.Registry(t, testenv.RegistryOptions{})
+	proxy := testenv.CountingProxy(t, reg.Host)
+	client, err := fetcher.New(fetcher.Options{Retries: -1, Timeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	return &managerEnv{reg: reg, proxy: proxy, client: client, root: root}
+}
+
+// manager opens the cache and a Manager on the env's root, as a daemon
+// (re)start does.
+func (e *managerEnv) manager(t *testing.T) *fs.Manager {
+	t.Helper()
+	st, err := cache.Open(cache.Options{Dir: filepath.Join(e.root, "cache"), MaxBytes: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cache = st
+	m, err := fs.NewManager(fs.ManagerOptions{
+		Root:        filepath.Join(e.root, "layers"),
+		Registry:    e.client,
+		Cache:       st,
+		ReadTimeout: 3 * time.Second,
+		Logger:      quietLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := m.Close(); err != nil {
+			t.Errorf("close manager: %v", err)
+		}
+		st.Close()
+	})
+	return m
+}
+
+func managerMount(t *testing.T, m *fs.Manager, labels map[string]string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.Mount(ctx, dir, labels); err != nil {
+		t.Fatalf("mount: %v", err)
+	}
+	t.Cleanup(func() { m.Unmount(context.Background(), dir) })
+	return dir
+}
+
+func readWithin(t *testing.T, p string, d time.Duration) ([]byte, error) {
+	t.Helper()
+	type res struct {
+		b   []byte
+		err error
+	}
+	r := withTimeout(t, d, "read "+p, func() res {
+		b, err := os.ReadFile(p)
+		return res{b, err}
+	})
+	return r.b, r.err
+}
+
+func TestManagerStreamsVerifiesAndRestores(t *testing.T) {
+	e := newManagerEnv(t)
+	small := []byte("hello from a streamed layer\n")
+	big := randomBytes(11, 4<<20)
+	tampered := randomBytes(12, 300<<10)
+	unreachable := randomBytes(13, 300<<10)
+	tarBytes := makeTar(t, []tarEntry{
+		dir("app/", 0o755, 1),
+		reg("app/small.txt", 0o644, small, 2),
+		reg("app/big.bin", 0o644, big, 2),
+		reg("app/tampered.bin", 0o644, tampered, 2),
+		reg("app/unreachable.bin", 0o644, unreachable, 2),
+	})
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/app", tarBytes, true)
+	m := e.manager(t)
+
+	e.proxy.ResetCounters()
+	dir := managerMount(t, m, img.labels())
+	tocBytes := e.proxy.BlobBytes()
+	if tocBytes == 0 || tocBytes > 64<<10 {
+		t.Fatalf("mounting read %d blob bytes; want the TOC alone", tocBytes)
+	}
+
+	got, err := readWithin(t, filepath.Join(dir, "app/small.txt"), 10*time.Second)
+	if err != nil || !bytes.Equal(got, small) {
+		t.Fatalf("read small.txt = %q, %v; want %q", got, err, small)
+	}
+	if n := e.proxy.BlobBytes() - tocBytes; n > 256<<10 {
+		t.Errorf("reading a small file fetched %d bytes; want one chunk", n)
+	}
+	got, err = readWithin(t, filepath.Join(dir, "app/big.bin"), 20*time.Second)
+	if err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("read big.bin: %v (equal %v)", err, bytes.Equal(got, big))
+	}
+	usage, _, err := m.Usage(context.Background(), dir)
+	if err != nil || usage < int64(len(big)) {
+		t.Errorf("usage = %d, %v; want at least %d", usage, err, len(big))
+	}
+
+	// Altered bytes from the registry: EIO, and nothing cached.
+	e.proxy.SetTamper(func(path string, body []byte) []byte {
+		out := bytes.Clone(body)
+		for i := range out {
+			out[i] ^= 0xff
+		}
+		return out
+	})
+	if _, err := readWithin(t, filepath.Join(dir, "app/tampered.bin"), 10*time.Second); !errors.Is(err, syscall.EIO) {
+		t.Errorf("read of tampered chunks: err = %v; want EIO", err)
+	}
+	e.proxy.SetTamper(nil)
+	toc := tocOf(t, e, img.layer)
+	for _, c := range chunksOf(toc, "app/tampered.bin") {
+		if e.cache.Has(c.Digest) {
+			t.Errorf("chunk %s of a tampered read is in the cache", c.Digest)
+		}
+	}
+	if s := m.Stats(); s.BadChunks == 0 {
+		t.Errorf("stats: bad chunks = 0 after a tampered read")
+	}
+
+	// Registry down: EIO within the read timeout; cached data still reads.
+	e.proxy.SetDown(true)
+	start := time.Now()
+	if _, err := readWithin(t, filepath.Join(dir, "app/unreachable.bin"), 20*time.Second); !errors.Is(err, syscall.EIO) {
+		t.Errorf("read with registry down: err = %v; want EIO", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("read with registry down took %v; read timeout is 3s", d)
+	}
+
+	// Restart with the registry unreachable: the layer mounts again from
+	// its local record and serves every cached byte.
+	if err := m.Unmount(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	e.cache.Close()
+	m2 := e.manager(t)
+	before := e.proxy.Requests()
+	dir2 := managerMount(t, m2, img.labels())
+	got, err = readWithin(t, filepath.Join(dir2, "app/big.bin"), 20*time.Second)
+	if err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("read cached big.bin after restart with registry down: %v", err)
+	}
+	if n := e.proxy.Requests() - before; n != 0 {
+		t.Errorf("restart made %d registry requests; want none", n)
+	}
+	e.proxy.SetDown(false)
+	got, err = readWithin(t, filepath.Join(dir2, "app/unreachable.bin"), 20*time.Second)
+	if err != nil || !bytes.Equal(got, unreachable) {
+		t.Errorf("read once the registry is back: %v", err)
+	}
+}
+
+func TestManagerFallsBackWithoutArtifact(t *testing.T) {
+	e := newManagerEnv(t)
+	tarBytes := makeTar(t, []tarEntry{reg("a.txt", 0o644, []byte("a"), 1)})
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/plain", tarBytes, false)
+	m := e.manager(t)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := m.Mount(ctx, dir, img.labels())
+	if !errors.Is(err, fs.ErrNotStreamable) {
+		t.Fatalf("mount of an image without artifact: %v; want ErrNotStreamable", err)
+	}
+	if err := m.Mount(ctx, dir, map[string]string{}); !errors.Is(err, fs.ErrNotStreamable) {
+		t.Fatalf("mount without labels: %v; want ErrNotStreamable", err)
+	}
+	// The negative answer is remembered: no second lookup.
+	before := e.proxy.Requests()
+	if err := m.Mount(ctx, dir, img.labels()); !errors.Is(err, fs.ErrNotStreamable) {
+		t.Fatal(err)
+	}
+	if n := e.proxy.Requests() - before; n != 0 {
+		t.Errorf("second lookup made %d requests; want 0 (cached)", n)
+	}
+	if s := m.Stats(); s.Fallbacks != 3 || s.MountsTotal != 0 {
+		t.Errorf("stats = %+v; want 3 fallbacks, 0 mounts", s)
+	}
+}
+
+func tocOf(t *testing.T, e *managerEnv, layer digest.Digest) *artifact.TOC {
+	t.Helper()
+	var rec struct {
+		TOC artifact.Descriptor `json:"toc"`
+	}
+	b, err := os.ReadFile(filepath.Join(e.root, "layers", "layers", layer.Encoded()+".json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	json.Unmarshal(b, &rec)
+	f, err := os.Open(filepath.Join(e.root, "layers", "tocs", rec.TOC.Digest.Encoded()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	toc, err := artifact.DecodeTOC(f, artifact.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return toc
+}
+
+func chunksOf(toc *artifact.TOC, name string) []artifact.Chunk {
+	for _, en := range toc.Entries {
+		if en.Name == name {
+			first, last := toc.ChunkRange(en.Offset, en.Size)
+			return toc.Chunks[first:last]
+		}
+	}
+	return nil
+}

@@ -1,0 +1,147 @@
+package fs
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/sirupsen/logrus"
+
+	"github.com/streamer-dev/streamer/artifact"
+	"github.com/streamer-dev/streamer/cache"
+	"github.com/streamer-dev/streamer/fetcher"
+)
+
+// RangeReader reads byte ranges of blobs; *fetcher.Client satisfies it.
+type RangeReader interface {
+	ReadRange(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off, n int64) ([]byte, error)
+}
+
+// remoteReader reads the chunks of one layer's streaming blob from its
+// registry through the chunk cache. Every chunk is verified against its
+// digest before it is returned or stored.
+type remoteReader struct {
+	src         RangeReader
+	ref         fetcher.Ref
+	blob        digest.Digest
+	cache       *cache.Store
+	sem         chan struct{} // bounds concurrent requests to the registry host
+	maxCoalesce int64
+	log         *logrus.Entry
+	stats       *counters
+}
+
+// counters are shared by all layers of a Manager.
+type counters struct {
+	fetchedBytes  atomic.Int64 // compressed bytes read from registries
+	fetchRequests atomic.Int64
+	badChunks     atomic.Int64
+}
+
+var (
+	_ ChunkReader  = (*remoteReader)(nil)
+	_ ChunksReader = (*remoteReader)(nil)
+)
+
+// ReadChunk returns one chunk, from the cache or fetched once however
+// many readers ask for it at the same time.
+func (r *remoteReader) ReadChunk(ctx context.Context, c artifact.Chunk) ([]byte, error) {
+	return r.cache.Do(ctx, c.Digest, func(ctx context.Context) ([]byte, error) {
+		out, err := r.fetchRun(ctx, []artifact.Chunk{c})
+		if err != nil {
+			return nil, err
+		}
+		return out[0], nil
+	})
+}
+
+// ReadChunks returns adjacent chunks; the ones missing from the cache are
+// fetched in as few range requests as maxCoalesce allows.
+func (r *remoteReader) ReadChunks(ctx context.Context, cs []artifact.Chunk) ([][]byte, error) {
+	out := make([][]byte, len(cs))
+	var missing []int
+	for i, c := range cs {
+		if b, ok := r.cache.Get(c.Digest); ok {
+			out[i] = b
+			continue
+		}
+		missing = append(missing, i)
+	}
+	for len(missing) > 0 {
+		// A run: consecutive indexes whose frames are back to back,
+		// up to maxCoalesce compressed bytes.
+		run := []int{missing[0]}
+		size := cs[missing[0]].CompressedSize
+		for _, j := range missing[1:] {
+			prev := cs[run[len(run)-1]]
+			c := cs[j]
+			if prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset || size+c.CompressedSize > r.maxCoalesce {
+				break
+			}
+			run = append(run, j)
+			size += c.CompressedSize
+		}
+		missing = missing[len(run):]
+		if len(run) == 1 {
+			b, err := r.ReadChunk(ctx, cs[run[0]])
+			if err != nil {
+				return nil, err
+			}
+			out[run[0]] = b
+			continue
+		}
+		chunks := make([]artifact.Chunk, len(run))
+		for k, j := range run {
+			chunks[k] = cs[j]
+		}
+		bs, err := r.fetchRun(ctx, chunks)
+		if err != nil {
+			return nil, err
+		}
+		for k, j := range run {
+			if err := r.cache.Put(cs[j].Digest, bs[k]); err != nil {
+				r.log.WithError(err).WithField("chunk", cs[j].Digest).Warn("cache chunk")
+			}
+			out[j] = bs[k]
+		}
+	}
+	return out, nil
+}
+
+// fetchRun reads the frames of back-to-back chunks with one range request
+// and verifies each.
+func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk) ([][]byte, error) {
+	first, last := cs[0], cs[len(cs)-1]
+	off := first.CompressedOffset
+	n := last.CompressedOffset + last.CompressedSize - off
+	select {
+	case r.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("wait to fetch chunk %s: %w", first.Digest, ctx.Err())
+	}
+	b, err := r.src.ReadRange(ctx, r.ref, r.blob, off, n)
+	<-r.sem
+	if err != nil {
+		return nil, fmt.Errorf("fetch %d chunks at %d of blob %s: %w", len(cs), off, r.blob, err)
+	}
+	r.stats.fetchRequests.Add(1)
+	r.stats.fetchedBytes.Add(int64(len(b)))
+	if int64(len(b)) != n {
+		return nil, fmt.Errorf("fetch %d chunks at %d of blob %s: got %d bytes, want %d", len(cs), off, r.blob, len(b), n)
+	}
+	out := make([][]byte, len(cs))
+	for i, c := range cs {
+		lo := c.CompressedOffset - off
+		data, err := artifact.DecodeChunk(c, b[lo:lo+c.CompressedSize])
+		if err != nil {
+			// Bytes that do not decompress or do not match the digest
+			// are equally untrusted.
+			r.stats.badChunks.Add(1)
+			r.log.WithError(err).WithFields(logrus.Fields{"chunk": c.Digest, "op": "verify"}).Error("chunk failed verification; not served, not cached")
+			return nil, fmt.Errorf("verify chunk %s of blob %s: %w", c.Digest, r.blob, err)
+		}
+		out[i] = data
+	}
+	return out, nil
+}

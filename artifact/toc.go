@@ -40,7 +40,7 @@ func DecodeTOC(r io.Reader, lim Limits) (*TOC, error) {
 	dec := json.NewDecoder(lr)
 	dec.DisallowUnknownFields()
 	var t TOC
-	if err := dec.Decode(&t); err != nil {
+	if err := decodeTOCJSON(dec, lim, &t); err != nil {
 		if lr.N <= 0 {
 			return nil, fmt.Errorf("%w: larger than %d bytes uncompressed", ErrInvalidTOC, lim.MaxTOCBytes)
 		}
@@ -50,6 +50,119 @@ func DecodeTOC(r io.Reader, lim Limits) (*TOC, error) {
 		return nil, err
 	}
 	return &t, nil
+}
+
+// decodeTOCJSON decodes the TOC object key by key and its arrays element
+// by element, so that counts are checked while decoding: a few bytes of
+// JSON ("{},") can stand for hundreds of bytes of Entry, and a limit on
+// JSON bytes alone would not bound memory.
+func decodeTOCJSON(dec *json.Decoder, lim Limits, t *TOC) error {
+	if err := expectDelim(dec, '{'); err != nil {
+		return err
+	}
+	seen := make(map[string]bool)
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		key, ok := tok.(string)
+		if !ok {
+			return fmt.Errorf("object key is %T", tok)
+		}
+		if seen[key] {
+			return fmt.Errorf("field %q repeated", key)
+		}
+		seen[key] = true
+		switch key {
+		case "version":
+			err = dec.Decode(&t.Version)
+		case "layer":
+			err = dec.Decode(&t.Layer)
+		case "diffID":
+			err = dec.Decode(&t.DiffID)
+		case "tarSize":
+			err = dec.Decode(&t.TarSize)
+		case "blobSize":
+			err = dec.Decode(&t.BlobSize)
+		case "chunkSize":
+			err = dec.Decode(&t.ChunkSize)
+		case "entries":
+			err = decodeArray(dec, key, lim.MaxEntries, func() error {
+				var e Entry
+				if err := dec.Decode(&e); err != nil {
+					return err
+				}
+				t.Entries = append(t.Entries, e)
+				return nil
+			})
+		case "chunks":
+			err = decodeArray(dec, key, lim.MaxChunks, func() error {
+				var c Chunk
+				if err := dec.Decode(&c); err != nil {
+					return err
+				}
+				t.Chunks = append(t.Chunks, c)
+				return nil
+			})
+		case "prefetch":
+			err = decodeArray(dec, key, lim.MaxEntries, func() error {
+				var s string
+				if err := dec.Decode(&s); err != nil {
+					return err
+				}
+				t.Prefetch = append(t.Prefetch, s)
+				return nil
+			})
+		default:
+			return fmt.Errorf("unknown field %q", short(key))
+		}
+		if err != nil {
+			return fmt.Errorf("field %q: %w", key, err)
+		}
+	}
+	if err := expectDelim(dec, '}'); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return fmt.Errorf("data after the TOC object")
+	}
+	return nil
+}
+
+func expectDelim(dec *json.Decoder, want json.Delim) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != want {
+		return fmt.Errorf("got %v, want %q", tok, string(want))
+	}
+	return nil
+}
+
+// decodeArray decodes a JSON array (or null) calling elem per element and
+// failing as soon as it holds more than max elements.
+func decodeArray(dec *json.Decoder, what string, max int, elem func() error) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if tok == nil {
+		return nil
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '[' {
+		return fmt.Errorf("got %v, want an array", tok)
+	}
+	for n := 0; dec.More(); n++ {
+		if n >= max {
+			return fmt.Errorf("more than %d %s", max, what)
+		}
+		if err := elem(); err != nil {
+			return fmt.Errorf("element %d: %w", n, err)
+		}
+	}
+	return expectDelim(dec, ']')
 }
 
 // ChunkRange returns the indexes [first, last) of the chunks that hold the

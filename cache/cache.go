@@ -1,0 +1,505 @@
+// Package cache stores verified chunks by digest: on disk (content
+// addressed, bounded, written atomically) behind a bounded in-memory LRU,
+// with single-flight fetching so each chunk is fetched once however many
+// readers want it.
+package cache
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/sirupsen/logrus"
+)
+
+// Defaults for zero Options fields.
+const (
+	// DefaultMaxBytes bounds the disk tier when Options.MaxBytes is 0.
+	DefaultMaxBytes = 10 << 30
+	// DefaultMemoryBytes bounds the memory tier when Options.MemoryBytes is 0.
+	DefaultMemoryBytes = 64 << 20
+)
+
+var (
+	// ErrDigestMismatch: bytes offered to the store do not match their digest.
+	ErrDigestMismatch = errors.New("cache: digest mismatch")
+	// ErrClosed: the store was closed.
+	ErrClosed = errors.New("cache: closed")
+)
+
+// Options configure a Store.
+type Options struct {
+	// Dir holds the chunks; it is created if missing. One Store per Dir.
+	Dir string
+	// MaxBytes bounds the chunk bytes kept on disk (file contents, not
+	// blocks); 0 means DefaultMaxBytes. Least recently used chunks go first.
+	MaxBytes int64
+	// MemoryBytes bounds the in-memory tier; 0 means DefaultMemoryBytes,
+	// negative disables it.
+	MemoryBytes int64
+}
+
+// Stats count what a Store did since Open.
+type Stats struct {
+	MemoryHits int64 // Get answered from memory
+	DiskHits   int64 // Get answered from disk
+	Misses     int64 // Get found nothing usable
+	Evictions  int64 // chunks removed from disk to stay under MaxBytes
+	Corrupted  int64 // chunk files that failed verification and were removed
+	Fetches    int64 // fetch functions run by Do
+}
+
+// Store is a two-tier chunk store. Its methods are safe for concurrent use.
+// Byte slices it returns are shared and must not be modified.
+type Store struct {
+	dir      string
+	maxBytes int64
+	memMax   int64
+
+	ctx    context.Context // canceled by Close; parent of every fetch
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // fetch goroutines
+
+	mu      sync.Mutex
+	closed  bool
+	disk    map[digest.Digest]*list.Element // value: *diskEntry
+	diskLRU *list.List                      // front: most recently used
+	size    int64
+	mem     map[digest.Digest]*list.Element // value: *memEntry
+	memLRU  *list.List
+	memSize int64
+	flights map[digest.Digest]*flight
+
+	memoryHits, diskHits, misses, evictions, corrupted, fetches atomic.Int64
+}
+
+type diskEntry struct {
+	d    digest.Digest
+	size int64
+}
+
+type memEntry struct {
+	d digest.Digest
+	b []byte
+}
+
+// flight is one fetch shared by every concurrent Do of a digest.
+type flight struct {
+	done    chan struct{} // closed when b, err are set
+	b       []byte
+	err     error
+	waiters int // callers still waiting; guarded by Store.mu
+	cancel  context.CancelFunc
+}
+
+// tmpDir holds files being written; it is emptied on Open, so a crash never
+// leaves a partial chunk where a whole one is looked for.
+const tmpDir = "tmp"
+
+// Open opens (creating if needed) the store in opts.Dir and indexes the
+// chunks already there, oldest modification time least recently used, so
+// a restarted daemon reuses them.
+func Open(opts Options) (*Store, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("open cache: no directory")
+	}
+	if opts.MaxBytes < 0 {
+		return nil, fmt.Errorf("open cache %s: negative MaxBytes %d", opts.Dir, opts.MaxBytes)
+	}
+	if opts.MaxBytes == 0 {
+		opts.MaxBytes = DefaultMaxBytes
+	}
+	if opts.MemoryBytes == 0 {
+		opts.MemoryBytes = DefaultMemoryBytes
+	}
+	s := &Store{
+		dir:      opts.Dir,
+		maxBytes: opts.MaxBytes,
+		memMax:   max(opts.MemoryBytes, 0),
+		disk:     make(map[digest.Digest]*list.Element),
+		diskLRU:  list.New(),
+		mem:      make(map[digest.Digest]*list.Element),
+		memLRU:   list.New(),
+		flights:  make(map[digest.Digest]*flight),
+	}
+	tmp := filepath.Join(s.dir, tmpDir)
+	if err := os.RemoveAll(tmp); err != nil {
+		return nil, fmt.Errorf("open cache %s: remove leftover temporary files: %w", s.dir, err)
+	}
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		return nil, fmt.Errorf("open cache %s: %w", s.dir, err)
+	}
+	if err := s.index(); err != nil {
+		return nil, fmt.Errorf("open cache %s: index chunks: %w", s.dir, err)
+	}
+	s.mu.Lock()
+	s.evictLocked(nil)
+	s.mu.Unlock()
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// path maps a digest to its file: dir/<algorithm>/<first two hex>/<hex>.
+// It is the only place that builds chunk paths. d must be valid.
+func (s *Store) path(d digest.Digest) string {
+	enc := d.Encoded()
+	return filepath.Join(s.dir, d.Algorithm().String(), enc[:2], enc)
+}
+
+// index loads the chunk files under dir into the disk LRU.
+func (s *Store) index() error {
+	type found struct {
+		d     digest.Digest
+		size  int64
+		mtime time.Time
+	}
+	var all []found
+	for _, alg := range []digest.Algorithm{digest.SHA256} {
+		root := filepath.Join(s.dir, alg.String())
+		err := filepath.WalkDir(root, func(p string, de fs.DirEntry, err error) error {
+			if err != nil {
+				if errors.Is(err, fs.ErrNotExist) {
+					return nil
+				}
+				return err
+			}
+			if de.IsDir() {
+				return nil
+			}
+			d := digest.NewDigestFromEncoded(alg, de.Name())
+			info, err := de.Info()
+			if err != nil {
+				return err
+			}
+			if d.Validate() != nil || !de.Type().IsRegular() || s.path(d) != p {
+				logrus.WithFields(logrus.Fields{"op": "cache-index", "path": p}).Warn("removing stray file from chunk cache")
+				return os.Remove(p)
+			}
+			all = append(all, found{d: d, size: info.Size(), mtime: info.ModTime()})
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
+	for _, f := range all {
+		s.disk[f.d] = s.diskLRU.PushFront(&diskEntry{d: f.d, size: f.size})
+		s.size += f.size
+	}
+	return nil
+}
+
+// verify reports whether b hashes to d.
+func verify(d digest.Digest, b []byte) bool {
+	return d.Algorithm().FromBytes(b) == d
+}
+
+// Get returns the chunk d from memory or disk. Bytes read from disk are
+// verified again; a file that fails is removed and reported as a miss.
+func (s *Store) Get(d digest.Digest) ([]byte, bool) {
+	if d.Validate() != nil {
+		s.misses.Add(1)
+		return nil, false
+	}
+	s.mu.Lock()
+	if el, ok := s.mem[d]; ok {
+		s.memLRU.MoveToFront(el)
+		if del, ok := s.disk[d]; ok {
+			s.diskLRU.MoveToFront(del)
+		}
+		b := el.Value.(*memEntry).b
+		s.mu.Unlock()
+		s.memoryHits.Add(1)
+		return b, true
+	}
+	seen, onDisk := s.disk[d]
+	s.mu.Unlock()
+	if !onDisk {
+		s.misses.Add(1)
+		return nil, false
+	}
+
+	p := s.path(d)
+	b, err := os.ReadFile(p)
+	if err != nil || !verify(d, b) {
+		s.mu.Lock()
+		// Unless a concurrent Put replaced it meanwhile, forget the
+		// chunk and remove what is left of its file.
+		if s.disk[d] == seen {
+			s.removeDiskLocked(seen)
+			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+				logrus.WithError(rerr).WithFields(logrus.Fields{"op": "cache-get", "chunk": d}).Warn("remove bad cached chunk")
+			}
+		}
+		s.mu.Unlock()
+		if err == nil {
+			s.corrupted.Add(1)
+			logrus.WithFields(logrus.Fields{"op": "cache-get", "chunk": d, "path": p}).Warn("cached chunk failed verification; removed")
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-get", "chunk": d}).Warn("read cached chunk")
+		}
+		s.misses.Add(1)
+		return nil, false
+	}
+	// Persist recency so a restart keeps the LRU order roughly right.
+	now := time.Now()
+	_ = os.Chtimes(p, now, now)
+	s.mu.Lock()
+	if el, ok := s.disk[d]; ok {
+		s.diskLRU.MoveToFront(el)
+	}
+	s.addMemLocked(d, b)
+	s.mu.Unlock()
+	s.diskHits.Add(1)
+	return b, true
+}
+
+// Has reports whether chunk d is stored, without reading or verifying it.
+func (s *Store) Has(d digest.Digest) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, inMem := s.mem[d]
+	_, onDisk := s.disk[d]
+	return inMem || onDisk
+}
+
+// Put stores b as chunk d after checking that b hashes to d. It keeps its
+// own copy of b. A chunk larger than MaxBytes is kept in memory only.
+func (s *Store) Put(d digest.Digest, b []byte) error {
+	if err := d.Validate(); err != nil {
+		return fmt.Errorf("cache put %q: %w", d, err)
+	}
+	if !verify(d, b) {
+		return fmt.Errorf("cache put %s: %w", d, ErrDigestMismatch)
+	}
+	return s.put(d, append([]byte(nil), b...))
+}
+
+// put stores verified bytes, which the store then owns and shares.
+func (s *Store) put(d digest.Digest, b []byte) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("cache put %s: %w", d, ErrClosed)
+	}
+	s.addMemLocked(d, b)
+	el, onDisk := s.disk[d]
+	if onDisk {
+		s.diskLRU.MoveToFront(el)
+	}
+	s.mu.Unlock()
+	if onDisk || int64(len(b)) > s.maxBytes {
+		return nil
+	}
+
+	// Write outside the lock; only the rename, which makes the chunk
+	// visible whole or not at all, happens under it.
+	tmp, err := os.CreateTemp(filepath.Join(s.dir, tmpDir), "chunk-")
+	if err != nil {
+		return fmt.Errorf("cache put %s: %w", d, err)
+	}
+	// No fsync: a chunk torn by a crash fails verification on its next Get
+	// and is removed, so durability would buy nothing but latency.
+	_, werr := tmp.Write(b)
+	cerr := tmp.Close()
+	if err := errors.Join(werr, cerr); err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("cache put %s: write: %w", d, err)
+	}
+	p := s.path(d)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("cache put %s: %w", d, err)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if el, ok := s.disk[d]; ok { // a concurrent Put won
+		os.Remove(tmp.Name())
+		s.diskLRU.MoveToFront(el)
+		return nil
+	}
+	if err := os.Rename(tmp.Name(), p); err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("cache put %s: %w", d, err)
+	}
+	el = s.diskLRU.PushFront(&diskEntry{d: d, size: int64(len(b))})
+	s.disk[d] = el
+	s.size += int64(len(b))
+	s.evictLocked(el)
+	return nil
+}
+
+// evictLocked removes least recently used chunks until the disk tier fits
+// MaxBytes, sparing keep (the chunk just added).
+func (s *Store) evictLocked(keep *list.Element) {
+	for s.size > s.maxBytes {
+		el := s.diskLRU.Back()
+		if el == nil || el == keep {
+			return
+		}
+		e := el.Value.(*diskEntry)
+		s.removeDiskLocked(el)
+		if err := os.Remove(s.path(e.d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-evict", "chunk": e.d}).Warn("remove evicted chunk")
+		}
+		s.evictions.Add(1)
+	}
+}
+
+func (s *Store) removeDiskLocked(el *list.Element) {
+	e := el.Value.(*diskEntry)
+	s.diskLRU.Remove(el)
+	delete(s.disk, e.d)
+	s.size -= e.size
+}
+
+// addMemLocked keeps b in the memory tier, evicting its least recently
+// used chunks to stay under the bound.
+func (s *Store) addMemLocked(d digest.Digest, b []byte) {
+	if int64(len(b)) > s.memMax {
+		return
+	}
+	if el, ok := s.mem[d]; ok {
+		s.memLRU.MoveToFront(el)
+		return
+	}
+	s.mem[d] = s.memLRU.PushFront(&memEntry{d: d, b: b})
+	s.memSize += int64(len(b))
+	for s.memSize > s.memMax {
+		el := s.memLRU.Back()
+		e := el.Value.(*memEntry)
+		s.memLRU.Remove(el)
+		delete(s.mem, e.d)
+		s.memSize -= int64(len(e.b))
+	}
+}
+
+// Do returns chunk d, from the store or else by calling fetch. Concurrent
+// calls for one digest share a single fetch. A caller whose ctx ends
+// returns ctx.Err() at once while the fetch goes on for the others; when no
+// caller is left the fetch is canceled. Fetched bytes that do not match d
+// are an error wrapping ErrDigestMismatch and are never stored.
+func (s *Store) Do(ctx context.Context, d digest.Digest, fetch func(ctx context.Context) ([]byte, error)) ([]byte, error) {
+	if b, ok := s.Get(d); ok {
+		return b, nil
+	}
+	if err := d.Validate(); err != nil {
+		return nil, fmt.Errorf("cache fetch %q: %w", d, err)
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("cache fetch %s: %w", d, ErrClosed)
+	}
+	f, ok := s.flights[d]
+	if !ok {
+		// The fetch keeps the first caller's values (loggers, trace ids)
+		// but not its deadline: it serves every caller.
+		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		stop := context.AfterFunc(s.ctx, cancel)
+		f = &flight{done: make(chan struct{}), cancel: cancel}
+		s.flights[d] = f
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer stop()
+			defer cancel()
+			s.run(fctx, d, f, fetch)
+		}()
+	}
+	f.waiters++
+	s.mu.Unlock()
+
+	select {
+	case <-f.done:
+		return f.b, f.err
+	case <-ctx.Done():
+		s.mu.Lock()
+		f.waiters--
+		if f.waiters == 0 && s.flights[d] == f {
+			// Nobody wants it any more; a later Do starts afresh rather
+			// than joining a canceled fetch.
+			delete(s.flights, d)
+			f.cancel()
+		}
+		s.mu.Unlock()
+		return nil, ctx.Err()
+	}
+}
+
+// run performs one flight's fetch, stores a verified result, and releases
+// the waiters.
+func (s *Store) run(ctx context.Context, d digest.Digest, f *flight, fetch func(ctx context.Context) ([]byte, error)) {
+	s.fetches.Add(1)
+	b, err := fetch(ctx)
+	switch {
+	case err != nil:
+		f.err = fmt.Errorf("cache fetch %s: %w", d, err)
+	case !verify(d, b):
+		f.err = fmt.Errorf("cache fetch %s: %w", d, ErrDigestMismatch)
+	default:
+		f.b = b
+		if err := s.put(d, b); err != nil && !errors.Is(err, ErrClosed) {
+			// The bytes are verified: serve them even if disk failed.
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-put", "chunk": d}).Warn("store fetched chunk")
+		}
+	}
+	s.mu.Lock()
+	if s.flights[d] == f {
+		delete(s.flights, d)
+	}
+	s.mu.Unlock()
+	close(f.done)
+}
+
+// Size returns the chunk bytes on disk.
+func (s *Store) Size() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.size
+}
+
+// Len returns the number of chunks on disk.
+func (s *Store) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.disk)
+}
+
+// Stats returns the counters since Open.
+func (s *Store) Stats() Stats {
+	return Stats{
+		MemoryHits: s.memoryHits.Load(),
+		DiskHits:   s.diskHits.Load(),
+		Misses:     s.misses.Load(),
+		Evictions:  s.evictions.Load(),
+		Corrupted:  s.corrupted.Load(),
+		Fetches:    s.fetches.Load(),
+	}
+}
+
+// Close cancels fetches in flight and waits for them. Stored chunks stay
+// on disk for the next Open.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	s.wg.Wait()
+	return nil
+}

@@ -60,7 +60,7 @@ Credentials: STREAMER_REGISTRY_USERNAME and STREAMER_REGISTRY_PASSWORD, the
 	pf.StringVar(&g.configPath, "config", "", "TOML `FILE` whose [registry] and [fetch] sections configure registry access (the snapshotter's config file)")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log `LEVEL`: trace, debug, info, warn, error")
 
-	root.AddCommand(newCreateCmd(g), newReferrersCmd(g), newInspectCmd(g), newVersionCmd())
+	root.AddCommand(newCreateCmd(g), newReferrersCmd(g), newInspectCmd(g), newPullCmd(g), newVersionCmd())
 	return root
 }
 
@@ -95,8 +95,9 @@ func (g *globalFlags) client(ref fetcher.Ref) (*fetcher.Client, error) {
 		opts.Mirrors = r.Mirrors
 		opts.CAFiles = r.CAFiles
 		opts.DockerConfig = r.DockerConfig
-		if cred, ok := r.Credentials[ref.Host]; ok {
-			opts.Username, opts.Password = cred.Username, cred.Password
+		opts.HostCredentials = map[string]fetcher.Credential{}
+		for host, cred := range r.Credentials {
+			opts.HostCredentials[host] = fetcher.Credential{Username: cred.Username, Password: cred.Password}
 		}
 		opts.Timeout = time.Duration(d.Fetch.Timeout)
 		opts.Retries = d.Fetch.Retries

@@ -46,6 +46,13 @@ type Fetch struct {
 	Timeout     Duration `toml:"timeout" comment:"Time limit of one HTTP request, as a Go duration (\"30s\", \"1m\")."`
 	ReadTimeout Duration `toml:"read_timeout" comment:"Time limit of one read through the filesystem, retries included; past it the read fails with EIO."`
 	Retries     int      `toml:"retries" comment:"Retries of a failed request (network error, 5xx, 429)."`
+	Prefetch    bool     `toml:"prefetch" comment:"Fetch the files of a layer's prefetch list (read at startup) first, as soon as it mounts."`
+	// Background, BackgroundConcurrency and BackgroundRateLimit shape the
+	// fetch of whole layers after mount, so that the node stops needing
+	// the registry; on-demand reads always go first.
+	Background            bool `toml:"background" comment:"After mount, fetch the rest of every layer in the background until it is complete and verified against its diffID."`
+	BackgroundConcurrency int  `toml:"background_concurrency" comment:"Concurrent background range requests per registry host (on-demand reads have their own fetch.concurrency)."`
+	BackgroundRateLimit   Size `toml:"background_rate_limit" comment:"Bytes per second all background fetches together may read; 0 means unlimited."`
 }
 
 // Registry configures registry access.
@@ -84,6 +91,11 @@ func DefaultDaemon() Daemon {
 			Timeout:     Duration(30 * time.Second),
 			ReadTimeout: Duration(60 * time.Second),
 			Retries:     3,
+			Prefetch:    true,
+
+			Background:            true,
+			BackgroundConcurrency: 4,
+			BackgroundRateLimit:   0,
 		},
 	}
 }
@@ -186,6 +198,12 @@ func (d Daemon) Validate() error {
 	}
 	if d.Fetch.Retries < 0 {
 		bad("fetch.retries", "must not be negative, got %d", d.Fetch.Retries)
+	}
+	if d.Fetch.BackgroundConcurrency < 1 {
+		bad("fetch.background_concurrency", "must be at least 1, got %d", d.Fetch.BackgroundConcurrency)
+	}
+	if d.Fetch.BackgroundRateLimit < 0 {
+		bad("fetch.background_rate_limit", "must not be negative (0 is unlimited), got %d", d.Fetch.BackgroundRateLimit)
 	}
 	for _, h := range d.Registry.Insecure {
 		if h == "" || strings.Contains(h, "/") {

@@ -48,7 +48,8 @@ type ManagerOptions struct {
 	Root     string // layer records and TOCs live here
 	Registry Registry
 	Cache    *cache.Store
-	// Concurrency bounds simultaneous range requests per layer (default 8).
+	// Concurrency bounds simultaneous on-demand range requests per
+	// registry host (default 8).
 	Concurrency int
 	// MaxCoalesce bounds the compressed bytes of one range request (default 4 MiB).
 	MaxCoalesce int64
@@ -56,7 +57,20 @@ type ManagerOptions struct {
 	ReadTimeout time.Duration
 	// NegativeTTL is how long "no artifact" is remembered per manifest (default 30s).
 	NegativeTTL time.Duration
-	Logger      *logrus.Entry
+	// Prefetch fetches the files of a layer's prefetch list first, as
+	// soon as it mounts.
+	Prefetch bool
+	// Background fetches the rest of every mounted layer until it is
+	// complete and verified against its diffID, so that the node stops
+	// needing the registry.
+	Background bool
+	// BackgroundConcurrency bounds background range requests per registry
+	// host (default 4); on-demand reads have their own Concurrency.
+	BackgroundConcurrency int
+	// BackgroundRateLimit bounds the bytes per second all background
+	// requests read together; 0 is unlimited.
+	BackgroundRateLimit int64
+	Logger              *logrus.Entry
 }
 
 // Manager mounts the layers of streamed images: it finds an image's
@@ -68,10 +82,12 @@ type Manager struct {
 	log     *logrus.Entry
 	stats   counters
 	lookups singleflight.Group
+	sched   *scheduler
 
 	mu          sync.Mutex
 	artifacts   map[digest.Digest]lookup // by image manifest digest
 	mounts      map[string]*layerMount   // by mountpoint
+	layers      map[digest.Digest]*layerState
 	mountsTotal int64
 	fallbacks   int64
 }
@@ -86,6 +102,7 @@ type layerMount struct {
 	layer digest.Digest
 	toc   *artifact.TOC
 	fs    *Mounted
+	st    *layerState
 }
 
 // layerRecord is what a layer needs to be mounted again without the registry.
@@ -93,6 +110,12 @@ type layerRecord struct {
 	Ref  string              `json:"ref"`
 	Blob artifact.Descriptor `json:"blob"`
 	TOC  artifact.Descriptor `json:"toc"`
+	// Complete: every chunk was cached and the tar rebuilt from them
+	// matched the diffID.
+	Complete bool `json:"complete,omitempty"`
+	// Bad says why the tar rebuilt from the chunks failed its diffID
+	// check: the layer is pulled normally from then on.
+	Bad string `json:"bad,omitempty"`
 }
 
 // NewManager returns a Manager keeping its records under opts.Root.
@@ -112,6 +135,12 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 	if opts.NegativeTTL <= 0 {
 		opts.NegativeTTL = 30 * time.Second
 	}
+	if opts.BackgroundConcurrency <= 0 {
+		opts.BackgroundConcurrency = 4
+	}
+	if opts.BackgroundRateLimit < 0 {
+		opts.BackgroundRateLimit = 0
+	}
 	if opts.Logger == nil {
 		opts.Logger = logrus.NewEntry(logrus.StandardLogger())
 	}
@@ -121,10 +150,20 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		}
 	}
 	return &Manager{
-		opts:      opts,
-		log:       opts.Logger,
+		opts: opts,
+		log:  opts.Logger,
+		sched: newScheduler(schedulerOptions{
+			fgConcurrency: opts.Concurrency,
+			bgConcurrency: opts.BackgroundConcurrency,
+			maxCoalesce:   opts.MaxCoalesce,
+			background:    opts.Background,
+			rateLimit:     opts.BackgroundRateLimit,
+			cache:         opts.Cache,
+			log:           opts.Logger,
+		}),
 		artifacts: map[digest.Digest]lookup{},
 		mounts:    map[string]*layerMount{},
+		layers:    map[digest.Digest]*layerState{},
 	}, nil
 }
 
@@ -171,30 +210,24 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 			return err
 		}
 	}
-	ref, err := fetcher.ParseRef(rec.Ref)
+	if rec.Bad != "" {
+		return fmt.Errorf("%w: layer %s failed verification against its diffID before (%s)", ErrNotStreamable, layer, rec.Bad)
+	}
+	st, err := m.acquire(layer, labels[LabelImageRef], rec, toc, log)
 	if err != nil {
-		return fmt.Errorf("mount layer %s: record ref: %w", layer, err)
+		return err
 	}
-	r := &remoteReader{
-		src:         m.opts.Registry,
-		ref:         ref,
-		blob:        rec.Blob.Digest,
-		cache:       m.opts.Cache,
-		sem:         make(chan struct{}, m.opts.Concurrency),
-		maxCoalesce: m.opts.MaxCoalesce,
-		log:         log,
-		stats:       &m.stats,
-	}
-	mnt, err := Mount(mountpoint, toc, r, Options{
+	mnt, err := Mount(mountpoint, toc, st.reader, Options{
 		ReadTimeout: m.opts.ReadTimeout,
 		Logger:      log,
 		FSName:      "streamer:" + layer.Encoded()[:12],
 	})
 	if err != nil {
+		m.release(st)
 		return fmt.Errorf("mount layer %s at %s: %w", layer, mountpoint, err)
 	}
 	m.mu.Lock()
-	m.mounts[mountpoint] = &layerMount{layer: layer, toc: toc, fs: mnt}
+	m.mounts[mountpoint] = &layerMount{layer: layer, toc: toc, fs: mnt, st: st}
 	m.mu.Unlock()
 	log.WithFields(logrus.Fields{"op": "mount", "files": len(toc.Entries), "chunks": len(toc.Chunks)}).Info("layer mounted")
 	return nil
@@ -258,8 +291,7 @@ func (m *Manager) remoteLayer(ctx context.Context, layer digest.Digest, labels m
 	if err := writeAtomic(tocPath(m.opts.Root, l.TOC.Digest), tb); err != nil {
 		return rec, nil, fmt.Errorf("store TOC of layer %s: %w", layer, err)
 	}
-	rb, _ := json.Marshal(rec)
-	if err := writeAtomic(recordPath(m.opts.Root, layer), rb); err != nil {
+	if err := m.writeRecord(layer, rec); err != nil {
 		return rec, nil, fmt.Errorf("store record of layer %s: %w", layer, err)
 	}
 	return rec, toc, nil
@@ -325,10 +357,71 @@ func (m *Manager) Unmount(ctx context.Context, mountpoint string) error {
 	if !ok {
 		return nil
 	}
+	m.release(lm.st)
 	if err := lm.fs.Unmount(); err != nil {
 		return fmt.Errorf("unmount layer %s at %s: %w", lm.layer, mountpoint, err)
 	}
 	return nil
+}
+
+// acquire returns the state of a layer being mounted, creating it (and
+// starting its background job) for its first mount.
+func (m *Manager) acquire(layer digest.Digest, image string, rec layerRecord, toc *artifact.TOC, log *logrus.Entry) (*layerState, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if st, ok := m.layers[layer]; ok {
+		st.refs++
+		return st, nil
+	}
+	ref, err := fetcher.ParseRef(rec.Ref)
+	if err != nil {
+		return nil, fmt.Errorf("mount layer %s: record ref: %w", layer, err)
+	}
+	st := &layerState{m: m, layer: layer, image: image, rec: rec, toc: toc, log: log, mounted: time.Now(), refs: 1}
+	st.pool = m.sched.pool(ref.Host)
+	st.reader = &remoteReader{
+		src:         m.opts.Registry,
+		ref:         ref,
+		blob:        rec.Blob.Digest,
+		cache:       m.opts.Cache,
+		host:        st.pool,
+		maxCoalesce: m.opts.MaxCoalesce,
+		log:         log,
+		stats:       &m.stats,
+		layer:       &st.stats,
+	}
+	m.layers[layer] = st
+	if rec.Complete {
+		// Known complete: nothing of it needs the registry, as long as
+		// its chunks are still cached.
+		if _, all := st.cachedBytes(); all {
+			st.complete.Store(true)
+			return st, nil
+		}
+		log.Info("layer was complete but some chunks left the cache; fetching them again")
+		st.rec.Complete = false
+	}
+	if !m.opts.Prefetch && !m.opts.Background {
+		return st, nil
+	}
+	st.job = newLayerJob(st, m.opts.Prefetch, m.opts.Background, m.opts.MaxCoalesce)
+	st.pool.add(st.job)
+	return st, nil
+}
+
+// release drops one mount of a layer; the last one stops its background
+// job and waits for it.
+func (m *Manager) release(st *layerState) {
+	m.mu.Lock()
+	st.refs--
+	last := st.refs == 0
+	if last && m.layers[st.layer] == st {
+		delete(m.layers, st.layer)
+	}
+	m.mu.Unlock()
+	if last && st.job != nil {
+		st.job.stop(st.pool)
+	}
 }
 
 // Usage returns the bytes of the layer at mountpoint held on this node: its
@@ -367,6 +460,7 @@ func (m *Manager) Close() error {
 	for _, mp := range mps {
 		errs = append(errs, m.Unmount(context.Background(), mp))
 	}
+	m.sched.close()
 	return errors.Join(errs...)
 }
 
@@ -378,19 +472,40 @@ type ManagerStats struct {
 	FetchedBytes  int64 // compressed bytes read from registries
 	FetchRequests int64
 	BadChunks     int64 // chunks that failed verification
+	// Fetched bytes by cause: read by the filesystem, prefetch lists,
+	// background fetch of whole layers.
+	OnDemandBytes, PrefetchBytes, BackgroundBytes int64
+	// FetchLatency is the histogram of range request latencies.
+	FetchLatency Histogram
+	// LayersComplete are mounted layers all cached and verified;
+	// LayersBad the layers that failed their diffID check since start.
+	LayersComplete int
+	LayersBad      int64
 }
 
 // Stats returns the Manager's counters.
 func (m *Manager) Stats() ManagerStats {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	complete := 0
+	for _, st := range m.layers {
+		if st.complete.Load() {
+			complete++
+		}
+	}
 	return ManagerStats{
-		Mounted:       len(m.mounts),
-		MountsTotal:   m.mountsTotal,
-		Fallbacks:     m.fallbacks,
-		FetchedBytes:  m.stats.fetchedBytes.Load(),
-		FetchRequests: m.stats.fetchRequests.Load(),
-		BadChunks:     m.stats.badChunks.Load(),
+		OnDemandBytes:   m.stats.byCause[causeOnDemand].Load(),
+		PrefetchBytes:   m.stats.byCause[causePrefetch].Load(),
+		BackgroundBytes: m.stats.byCause[causeBackground].Load(),
+		FetchLatency:    m.stats.latency.snapshot(),
+		LayersComplete:  complete,
+		LayersBad:       m.stats.layersBad.Load(),
+		Mounted:         len(m.mounts),
+		MountsTotal:     m.mountsTotal,
+		Fallbacks:       m.fallbacks,
+		FetchedBytes:    m.stats.fetchedBytes.Load(),
+		FetchRequests:   m.stats.fetchRequests.Load(),
+		BadChunks:       m.stats.badChunks.Load(),
 	}
 }
 

@@ -34,6 +34,13 @@ type streamedImage struct {
 // withArtifact, its streaming artifact, to reg.
 func pushStreamedImage(t *testing.T, c *fetcher.Client, host, repo string, tarBytes []byte, withArtifact bool) streamedImage {
 	t.Helper()
+	return pushStreamedImageTOC(t, c, host, repo, tarBytes, withArtifact, nil)
+}
+
+// pushStreamedImageTOC is pushStreamedImage with a hook that may alter the
+// layer's TOC before it is pushed.
+func pushStreamedImageTOC(t *testing.T, c *fetcher.Client, host, repo string, tarBytes []byte, withArtifact bool, alter func(*artifact.TOC)) streamedImage {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	ref, err := fetcher.ParseRef(host + "/" + repo + ":v1")
@@ -69,6 +76,9 @@ func pushStreamedImage(t *testing.T, c *fetcher.Client, host, repo string, tarBy
 	}
 	l := buildLayer(t, tarBytes, artifact.MinChunkSize)
 	l.toc.Layer = layerDesc.Digest
+	if alter != nil {
+		alter(l.toc)
+	}
 	tb, tocDigest, err := l.toc.Marshal()
 	if err != nil {
 		t.Fatal(err)

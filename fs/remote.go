@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"github.com/sirupsen/logrus"
@@ -18,18 +19,43 @@ type RangeReader interface {
 	ReadRange(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off, n int64) ([]byte, error)
 }
 
+// cause says why bytes were fetched, for metrics and scheduling.
+type cause int
+
+// Causes, highest priority first.
+const (
+	causeOnDemand cause = iota
+	causePrefetch
+	causeBackground
+	numCauses
+)
+
+func (c cause) String() string {
+	switch c {
+	case causeOnDemand:
+		return "on_demand"
+	case causePrefetch:
+		return "prefetch"
+	default:
+		return "background"
+	}
+}
+
 // remoteReader reads the chunks of one layer's streaming blob from its
 // registry through the chunk cache. Every chunk is verified against its
-// digest before it is returned or stored.
+// digest before it is returned or stored. What the filesystem asks for is
+// on-demand work: it takes the host's foreground slots, which background
+// work never holds.
 type remoteReader struct {
 	src         RangeReader
 	ref         fetcher.Ref
 	blob        digest.Digest
 	cache       *cache.Store
-	sem         chan struct{} // bounds concurrent requests to the registry host
+	host        *hostPool // foreground slots and load of the registry host
 	maxCoalesce int64
 	log         *logrus.Entry
 	stats       *counters
+	layer       *layerStats // per layer, for status
 }
 
 // counters are shared by all layers of a Manager.
@@ -37,6 +63,15 @@ type counters struct {
 	fetchedBytes  atomic.Int64 // compressed bytes read from registries
 	fetchRequests atomic.Int64
 	badChunks     atomic.Int64
+	byCause       [numCauses]atomic.Int64 // compressed bytes per cause
+	layersBad     atomic.Int64            // layers whose tar failed the diffID check
+	latency       histogram               // of range requests
+}
+
+// layerStats counts the fetches of one layer, for its status.
+type layerStats struct {
+	fetched atomic.Int64 // compressed bytes
+	rate    rateWindow
 }
 
 var (
@@ -48,7 +83,7 @@ var (
 // many readers ask for it at the same time.
 func (r *remoteReader) ReadChunk(ctx context.Context, c artifact.Chunk) ([]byte, error) {
 	return r.cache.Do(ctx, c.Digest, func(ctx context.Context) ([]byte, error) {
-		out, err := r.fetchRun(ctx, []artifact.Chunk{c})
+		out, err := r.fetchRun(ctx, []artifact.Chunk{c}, causeOnDemand)
 		if err != nil {
 			return nil, err
 		}
@@ -69,19 +104,7 @@ func (r *remoteReader) ReadChunks(ctx context.Context, cs []artifact.Chunk) ([][
 		missing = append(missing, i)
 	}
 	for len(missing) > 0 {
-		// A run: consecutive indexes whose frames are back to back,
-		// up to maxCoalesce compressed bytes.
-		run := []int{missing[0]}
-		size := cs[missing[0]].CompressedSize
-		for _, j := range missing[1:] {
-			prev := cs[run[len(run)-1]]
-			c := cs[j]
-			if prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset || size+c.CompressedSize > r.maxCoalesce {
-				break
-			}
-			run = append(run, j)
-			size += c.CompressedSize
-		}
+		run := r.nextRun(cs, missing)
 		missing = missing[len(run):]
 		if len(run) == 1 {
 			b, err := r.ReadChunk(ctx, cs[run[0]])
@@ -95,38 +118,76 @@ func (r *remoteReader) ReadChunks(ctx context.Context, cs []artifact.Chunk) ([][
 		for k, j := range run {
 			chunks[k] = cs[j]
 		}
-		bs, err := r.fetchRun(ctx, chunks)
+		bs, err := r.fetchAndStore(ctx, chunks, causeOnDemand)
 		if err != nil {
 			return nil, err
 		}
 		for k, j := range run {
-			if err := r.cache.Put(cs[j].Digest, bs[k]); err != nil {
-				r.log.WithError(err).WithField("chunk", cs[j].Digest).Warn("cache chunk")
-			}
 			out[j] = bs[k]
 		}
 	}
 	return out, nil
 }
 
+// nextRun returns the longest prefix of idx (indexes into cs, ascending)
+// whose frames are back to back, up to maxCoalesce compressed bytes.
+func (r *remoteReader) nextRun(cs []artifact.Chunk, idx []int) []int {
+	run := idx[:1]
+	size := cs[idx[0]].CompressedSize
+	for _, j := range idx[1:] {
+		prev := cs[run[len(run)-1]]
+		c := cs[j]
+		if prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset || size+c.CompressedSize > r.maxCoalesce {
+			break
+		}
+		run = idx[:len(run)+1]
+		size += c.CompressedSize
+	}
+	return run
+}
+
+// fetchAndStore fetches back-to-back chunks with one request and puts
+// them in the cache.
+func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, why cause) ([][]byte, error) {
+	bs, err := r.fetchRun(ctx, cs, why)
+	if err != nil {
+		return nil, err
+	}
+	for i, c := range cs {
+		if err := r.cache.Put(c.Digest, bs[i]); err != nil {
+			r.log.WithError(err).WithField("chunk", c.Digest).Warn("cache chunk")
+		}
+	}
+	return bs, nil
+}
+
 // fetchRun reads the frames of back-to-back chunks with one range request
-// and verifies each.
-func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk) ([][]byte, error) {
+// and verifies each. On-demand requests take one of the host's foreground
+// slots and make background work yield while they run.
+func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk, why cause) ([][]byte, error) {
 	first, last := cs[0], cs[len(cs)-1]
 	off := first.CompressedOffset
 	n := last.CompressedOffset + last.CompressedSize - off
-	select {
-	case r.sem <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("wait to fetch chunk %s: %w", first.Digest, ctx.Err())
+	if why == causeOnDemand {
+		done, err := r.host.foreground(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("wait to fetch chunk %s: %w", first.Digest, err)
+		}
+		defer done()
 	}
+	start := time.Now()
 	b, err := r.src.ReadRange(ctx, r.ref, r.blob, off, n)
-	<-r.sem
 	if err != nil {
 		return nil, fmt.Errorf("fetch %d chunks at %d of blob %s: %w", len(cs), off, r.blob, err)
 	}
+	r.stats.latency.observe(time.Since(start))
 	r.stats.fetchRequests.Add(1)
 	r.stats.fetchedBytes.Add(int64(len(b)))
+	r.stats.byCause[why].Add(int64(len(b)))
+	if r.layer != nil {
+		r.layer.fetched.Add(int64(len(b)))
+		r.layer.rate.add(time.Now(), int64(len(b)))
+	}
 	if int64(len(b)) != n {
 		return nil, fmt.Errorf("fetch %d chunks at %d of blob %s: got %d bytes, want %d", len(cs), off, r.blob, len(b), n)
 	}
@@ -138,7 +199,7 @@ func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk) ([][]b
 			// Bytes that do not decompress or do not match the digest
 			// are equally untrusted.
 			r.stats.badChunks.Add(1)
-			r.log.WithError(err).WithFields(logrus.Fields{"chunk": c.Digest, "op": "verify"}).Error("chunk failed verification; not served, not cached")
+			r.log.WithError(err).WithFields(logrus.Fields{"chunk": c.Digest, "op": "verify", "cause": why.String()}).Error("chunk failed verification; not served, not cached")
 			return nil, fmt.Errorf("verify chunk %s of blob %s: %w", c.Digest, r.blob, err)
 		}
 		out[i] = data

@@ -63,6 +63,7 @@ func startNode(t *testing.T) *node {
 		RequestTimeout: 3 * time.Second,
 		ReadTimeout:    nodeReadTimeout,
 		Retries:        1,
+		Background:     new(false), // the tests count what reads fetch; background_test.go turns it on
 	}
 	cfg, err := n.cfg.TOML()
 	if err != nil {

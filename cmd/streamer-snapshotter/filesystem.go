@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/snapshots"
@@ -54,7 +57,12 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 		MaxCoalesce: int64(cfg.Fetch.MaxCoalesce),
 		ReadTimeout: time.Duration(cfg.Fetch.ReadTimeout),
 		NegativeTTL: time.Duration(cfg.NegativeTTL),
-		Logger:      log.G(ctx),
+
+		Prefetch:              cfg.Fetch.Prefetch,
+		Background:            cfg.Fetch.Background,
+		BackgroundConcurrency: cfg.Fetch.BackgroundConcurrency,
+		BackgroundRateLimit:   int64(cfg.Fetch.BackgroundRateLimit),
+		Logger:                log.G(ctx),
 	})
 	if err != nil {
 		store.Close()
@@ -64,8 +72,10 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 	if err := prometheus.Register(col); err != nil {
 		log.G(ctx).WithError(err).Warn("metrics not registered")
 	}
+	statusHandler.mgr.Store(mgr)
 	closeFn := func() error {
 		prometheus.Unregister(col)
+		statusHandler.mgr.Store(nil)
 		return errors.Join(mgr.Close(), store.Close())
 	}
 	return layers{mgr}, closeFn, nil
@@ -111,10 +121,23 @@ var (
 	descBad       = prometheus.NewDesc("streamer_bad_chunks_total", "Chunks that failed verification (never served, never cached).", nil, nil)
 	descCache     = prometheus.NewDesc("streamer_cache_bytes", "Bytes of chunks in the disk cache.", nil, nil)
 	descChunks    = prometheus.NewDesc("streamer_cache_chunks", "Chunks in the disk cache.", nil, nil)
+
+	descFetchedBy = prometheus.NewDesc("streamer_fetched_bytes_by_cause_total", "Compressed bytes read from registries, by cause: on_demand (file reads), prefetch (prefetch lists), background (whole layers).", []string{"cause"}, nil)
+	descLatency   = prometheus.NewDesc("streamer_fetch_request_duration_seconds", "Latency of range requests to registries.", nil, nil)
+	descHits      = prometheus.NewDesc("streamer_cache_hits_total", "Chunk cache lookups answered, by tier.", []string{"tier"}, nil)
+	descMisses    = prometheus.NewDesc("streamer_cache_misses_total", "Chunk cache lookups that found nothing usable.", nil, nil)
+	descEvictions = prometheus.NewDesc("streamer_cache_evictions_total", "Chunks evicted from the disk cache.", nil, nil)
+	descLayersOK  = prometheus.NewDesc("streamer_layers_complete", "Mounted layers whose every chunk is cached and whose tar matched its diffID.", nil, nil)
+	descLayersBad = prometheus.NewDesc("streamer_layer_verification_failures_total", "Layers whose tar rebuilt from verified chunks did not match their diffID.", nil, nil)
 )
 
+var allDescs = []*prometheus.Desc{
+	descMounted, descMounts, descFallbacks, descFetched, descRequests, descBad, descCache, descChunks,
+	descFetchedBy, descLatency, descHits, descMisses, descEvictions, descLayersOK, descLayersBad,
+}
+
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMounted, descMounts, descFallbacks, descFetched, descRequests, descBad, descCache, descChunks} {
+	for _, d := range allDescs {
 		ch <- d
 	}
 }
@@ -129,4 +152,57 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBad, prometheus.CounterValue, float64(s.BadChunks))
 	ch <- prometheus.MustNewConstMetric(descCache, prometheus.GaugeValue, float64(c.cache.Size()))
 	ch <- prometheus.MustNewConstMetric(descChunks, prometheus.GaugeValue, float64(c.cache.Len()))
+
+	ch <- prometheus.MustNewConstMetric(descFetchedBy, prometheus.CounterValue, float64(s.OnDemandBytes), "on_demand")
+	ch <- prometheus.MustNewConstMetric(descFetchedBy, prometheus.CounterValue, float64(s.PrefetchBytes), "prefetch")
+	ch <- prometheus.MustNewConstMetric(descFetchedBy, prometheus.CounterValue, float64(s.BackgroundBytes), "background")
+	buckets := make(map[float64]uint64, len(s.FetchLatency.Bounds))
+	var cum uint64
+	for i, b := range s.FetchLatency.Bounds {
+		cum += s.FetchLatency.Counts[i]
+		buckets[b] = cum
+	}
+	ch <- prometheus.MustNewConstHistogram(descLatency, s.FetchLatency.Count(), s.FetchLatency.Sum, buckets)
+	cs := c.cache.Stats()
+	ch <- prometheus.MustNewConstMetric(descHits, prometheus.CounterValue, float64(cs.MemoryHits), "memory")
+	ch <- prometheus.MustNewConstMetric(descHits, prometheus.CounterValue, float64(cs.DiskHits), "disk")
+	ch <- prometheus.MustNewConstMetric(descMisses, prometheus.CounterValue, float64(cs.Misses))
+	ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(cs.Evictions))
+	ch <- prometheus.MustNewConstMetric(descLayersOK, prometheus.GaugeValue, float64(s.LayersComplete))
+	ch <- prometheus.MustNewConstMetric(descLayersBad, prometheus.CounterValue, float64(s.LayersBad))
+}
+
+// StatusResponse is the body of GET /status.
+type StatusResponse struct {
+	Layers []fs.LayerStatus `json:"layers"`
+}
+
+// statusEndpoint serves GET /status: the state of every mounted layer, as
+// JSON. serveMetrics mounts it next to /metrics.
+type statusEndpoint struct {
+	mgr atomic.Pointer[fs.Manager]
+}
+
+// statusHandler is the daemon's status endpoint; newFileSystem points it at
+// the manager.
+var statusHandler = &statusEndpoint{}
+
+func (e *statusEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	mgr := e.mgr.Load()
+	if mgr == nil {
+		http.Error(w, "layer manager not running", http.StatusServiceUnavailable)
+		return
+	}
+	resp := StatusResponse{Layers: mgr.Status()}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(resp); err != nil {
+		log.L.WithError(err).Debug("write status")
+	}
 }

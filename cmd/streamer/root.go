@@ -61,6 +61,7 @@ Credentials: STREAMER_REGISTRY_USERNAME and STREAMER_REGISTRY_PASSWORD, the
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log `LEVEL`: trace, debug, info, warn, error")
 
 	root.AddCommand(newCreateCmd(g), newReferrersCmd(g), newInspectCmd(g), newPullCmd(g), newVersionCmd())
+	root.AddCommand(newStatusCmd())
 	return root
 }
 

@@ -20,6 +20,12 @@ type SnapshotterConfig struct {
 	Retries int
 	// CacheDir overrides <root>/cache.
 	CacheDir string
+	// Background sets fetch.background when not nil (the daemon's default
+	// is on).
+	Background *bool
+	// MetricsAddress sets metrics_address (where /metrics and /status are
+	// served) when not empty.
+	MetricsAddress string
 }
 
 // TOML renders the config file.
@@ -33,6 +39,9 @@ func (c SnapshotterConfig) TOML() (string, error) {
 		fetch["read_timeout"] = c.ReadTimeout.String()
 	}
 	fetch["retries"] = c.Retries
+	if c.Background != nil {
+		fetch["background"] = *c.Background
+	}
 	doc["fetch"] = fetch
 	reg := map[string]any{}
 	if len(c.Insecure) > 0 {
@@ -42,6 +51,9 @@ func (c SnapshotterConfig) TOML() (string, error) {
 		reg["mirrors"] = c.Mirrors
 	}
 	doc["registry"] = reg
+	if c.MetricsAddress != "" {
+		doc["metrics_address"] = c.MetricsAddress
+	}
 	if c.CacheDir != "" {
 		doc["cache"] = map[string]any{"dir": c.CacheDir}
 	}

@@ -1,0 +1,593 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"math"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/time/rate"
+
+	"github.com/streamer-dev/streamer/artifact"
+	"github.com/streamer-dev/streamer/cache"
+)
+
+// The scheduler fetches, for every mounted layer, its prefetch list and
+// then everything else, until the layer is complete and verified. Work is
+// ranked on-demand > prefetch > background:
+//
+//   - on-demand reads (the filesystem's) take the host's foreground slots
+//     (Concurrency), which background workers never hold, so a read never
+//     queues behind background requests;
+//   - background workers (BackgroundConcurrency per host) pick prefetch runs
+//     of any layer before background runs, and between two runs wait while
+//     on-demand requests are in flight to the same host (preemption between
+//     runs), so background traffic steps aside;
+//   - background runs are taken round-robin across the host's layers, so
+//     no layer starves.
+//
+// Chunks already cached (by digest, whatever layer or image put them there)
+// or being fetched by another worker are skipped: shared chunks are fetched
+// once.
+
+const (
+	// fgQuiet is how long after an on-demand request ends background work
+	// keeps waiting: reads come in bursts (a file read chunk after chunk).
+	fgQuiet = 20 * time.Millisecond
+	// fgMaxYield bounds one wait for on-demand traffic, so a steady stream
+	// of reads slows background work down but cannot stop it.
+	fgMaxYield = 2 * time.Second
+	// maxBackoff bounds the pause of a layer whose fetches fail.
+	maxBackoff = 30 * time.Second
+)
+
+// schedulerOptions configure a scheduler.
+type schedulerOptions struct {
+	fgConcurrency int   // on-demand requests per host
+	bgConcurrency int   // background workers per host
+	maxCoalesce   int64 // compressed bytes per background request
+	background    bool  // fetch whole layers, not only prefetch lists
+	rateLimit     int64 // background bytes per second, 0 unlimited
+	cache         *cache.Store
+	log           *logrus.Entry
+}
+
+// scheduler owns the background workers of every registry host.
+type scheduler struct {
+	opts    schedulerOptions
+	limiter *rate.Limiter // nil when unlimited
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+
+	mu    sync.Mutex
+	hosts map[string]*hostPool
+}
+
+func newScheduler(opts schedulerOptions) *scheduler {
+	s := &scheduler{opts: opts, hosts: map[string]*hostPool{}}
+	if opts.rateLimit > 0 {
+		// The burst must hold the largest request waited for at once.
+		s.limiter = rate.NewLimiter(rate.Limit(opts.rateLimit), int(max(opts.rateLimit, opts.maxCoalesce)))
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s
+}
+
+// pool returns the host's pool, starting its workers the first time.
+func (s *scheduler) pool(host string) *hostPool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p, ok := s.hosts[host]; ok {
+		return p
+	}
+	p := &hostPool{
+		s:        s,
+		host:     host,
+		fgSem:    make(chan struct{}, s.opts.fgConcurrency),
+		wake:     make(chan struct{}),
+		inflight: map[digest.Digest]int{},
+	}
+	s.hosts[host] = p
+	if s.ctx.Err() == nil {
+		for range s.opts.bgConcurrency {
+			s.wg.Go(p.work)
+		}
+	}
+	return p
+}
+
+// close stops every worker and waits for them.
+func (s *scheduler) close() {
+	s.cancel()
+	s.wg.Wait()
+}
+
+// hostPool is the work of one registry host.
+type hostPool struct {
+	s     *scheduler
+	host  string
+	fgSem chan struct{} // on-demand slots
+	// fgActive counts on-demand requests in flight; fgLast is when the
+	// last one ended (unix nanoseconds).
+	fgActive atomic.Int32
+	fgLast   atomic.Int64
+
+	mu       sync.Mutex
+	jobs     []*layerJob
+	rr       int                   // next job for a background run
+	inflight map[digest.Digest]int // chunks being fetched by workers
+	wake     chan struct{}         // closed (and replaced) when work may be there
+}
+
+// foreground takes an on-demand slot; done gives it back.
+func (p *hostPool) foreground(ctx context.Context) (done func(), err error) {
+	p.fgActive.Add(1)
+	select {
+	case p.fgSem <- struct{}{}:
+	case <-ctx.Done():
+		p.fgEnd()
+		return nil, ctx.Err()
+	}
+	return func() {
+		<-p.fgSem
+		p.fgEnd()
+	}, nil
+}
+
+func (p *hostPool) fgEnd() {
+	p.fgLast.Store(time.Now().UnixNano())
+	p.fgActive.Add(-1)
+}
+
+// yield waits while on-demand requests run on this host, up to fgMaxYield.
+func (p *hostPool) yield(ctx context.Context) {
+	deadline := time.Now().Add(fgMaxYield)
+	for time.Now().Before(deadline) {
+		if p.fgActive.Load() == 0 && time.Since(time.Unix(0, p.fgLast.Load())) >= fgQuiet {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// notifyLocked wakes the workers.
+func (p *hostPool) notifyLocked() {
+	close(p.wake)
+	p.wake = make(chan struct{})
+}
+
+func (p *hostPool) add(j *layerJob) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.jobs = append(p.jobs, j)
+	p.notifyLocked()
+}
+
+func (p *hostPool) remove(j *layerJob) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, x := range p.jobs {
+		if x == j {
+			p.jobs = append(p.jobs[:i], p.jobs[i+1:]...)
+			if p.rr > i {
+				p.rr--
+			}
+			break
+		}
+	}
+	p.notifyLocked()
+}
+
+// task is one unit of background work: a run of chunks [first, last) of a
+// layer, or the completion check of a layer.
+type task struct {
+	job         *layerJob
+	first, last int
+	why         cause
+	verify      bool
+}
+
+// work is a background worker's loop.
+func (p *hostPool) work() {
+	ctx := p.s.ctx
+	for {
+		t, wake, wait := p.next()
+		if t == nil {
+			var timer <-chan time.Time
+			if wait > 0 {
+				timer = time.After(wait)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-wake:
+			case <-timer:
+			}
+			continue
+		}
+		p.run(t)
+	}
+}
+
+// next picks a task: the first queued prefetch run of any layer, else a
+// background run of the next layer in turn. With none, it returns the
+// channel to wait on and, when a layer is backing off, how long to wait.
+func (p *hostPool) next() (*task, <-chan struct{}, time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	var wait time.Duration
+	for _, j := range p.jobs {
+		if j.stopped || len(j.prefetch) == 0 {
+			continue
+		}
+		if d := j.notBefore.Sub(now); d > 0 {
+			wait = minPositive(wait, d)
+			continue
+		}
+		t := j.prefetch[0]
+		j.prefetch = j.prefetch[1:]
+		p.startLocked(t)
+		return t, nil, 0
+	}
+	for k := range p.jobs {
+		i := (p.rr + k) % len(p.jobs)
+		j := p.jobs[i]
+		if j.stopped || j.idle {
+			continue
+		}
+		if d := j.notBefore.Sub(now); d > 0 {
+			wait = minPositive(wait, d)
+			continue
+		}
+		t := j.nextLocked(p)
+		if t == nil {
+			continue
+		}
+		p.rr = (i + 1) % len(p.jobs)
+		p.startLocked(t)
+		return t, nil, 0
+	}
+	return nil, p.wake, wait
+}
+
+func minPositive(a, b time.Duration) time.Duration {
+	if a <= 0 || b < a {
+		return b
+	}
+	return a
+}
+
+func (p *hostPool) startLocked(t *task) {
+	t.job.running++
+	t.job.wg.Add(1)
+	if !t.verify {
+		for _, c := range t.job.toc.Chunks[t.first:t.last] {
+			p.inflight[c.Digest]++
+		}
+	}
+}
+
+func (p *hostPool) finish(t *task, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	j := t.job
+	j.running--
+	if !t.verify {
+		for _, c := range j.toc.Chunks[t.first:t.last] {
+			if p.inflight[c.Digest]--; p.inflight[c.Digest] <= 0 {
+				delete(p.inflight, c.Digest)
+			}
+		}
+	}
+	switch {
+	case err != nil && j.ctx.Err() == nil:
+		j.failures++
+		backoff := min(maxBackoff, time.Duration(float64(500*time.Millisecond)*math.Pow(2, float64(min(j.failures-1, 10)))))
+		j.notBefore = time.Now().Add(backoff)
+		j.log.WithError(err).WithFields(logrus.Fields{"op": "background", "retry_in": backoff}).Warn("background fetch failed; layer paused")
+	case err == nil:
+		j.failures = 0
+	}
+	j.wg.Done()
+	p.notifyLocked()
+}
+
+// run performs t and reports it to its layer.
+func (p *hostPool) run(t *task) {
+	j := t.job
+	var err error
+	if t.verify {
+		err = j.complete(j.ctx, p)
+	} else {
+		err = p.fetch(j.ctx, t)
+	}
+	p.finish(t, err)
+}
+
+// fetch fetches the chunks of t that are not cached yet, in runs of back
+// to back frames, after yielding to on-demand reads.
+func (p *hostPool) fetch(ctx context.Context, t *task) error {
+	j := t.job
+	cs := j.toc.Chunks[t.first:t.last]
+	var missing []int
+	for i, c := range cs {
+		if !p.s.opts.cache.Has(c.Digest) {
+			missing = append(missing, i)
+		}
+	}
+	for len(missing) > 0 {
+		run := j.reader.nextRun(cs, missing)
+		missing = missing[len(run):]
+		chunks := make([]artifact.Chunk, len(run))
+		var n int64
+		for k, i := range run {
+			chunks[k] = cs[i]
+			n += cs[i].CompressedSize
+		}
+		p.yield(ctx)
+		if err := p.s.waitRate(ctx, n); err != nil {
+			return err
+		}
+		if _, err := j.reader.fetchAndStore(ctx, chunks, t.why); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// waitRate waits until the rate limit allows n more bytes.
+func (s *scheduler) waitRate(ctx context.Context, n int64) error {
+	if s.limiter == nil {
+		return nil
+	}
+	for n > 0 {
+		k := min(n, int64(s.limiter.Burst()))
+		if err := s.limiter.WaitN(ctx, int(k)); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
+}
+
+// layerJob is the background work of one mounted layer. Fields below mu
+// are guarded by the host pool's mu.
+type layerJob struct {
+	st     *layerState
+	toc    *artifact.TOC
+	reader *remoteReader
+	log    *logrus.Entry
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // tasks in flight
+
+	prefetch   []*task
+	background bool
+	cursor     int // next chunk a background run starts from
+	running    int
+	failures   int
+	notBefore  time.Time
+	stopped    bool
+	idle       bool // nothing to do until the next mount
+	passes     int  // completion checks that found chunks missing
+}
+
+// newLayerJob plans the prefetch runs of a layer: the chunks of each
+// prefetch file, in list order, each chunk once.
+func newLayerJob(st *layerState, prefetch, background bool, maxCoalesce int64) *layerJob {
+	j := &layerJob{st: st, toc: st.toc, reader: st.reader, log: st.log, background: background}
+	j.ctx, j.cancel = context.WithCancel(context.Background())
+	if !prefetch {
+		return j
+	}
+	byName := make(map[string]int, len(j.toc.Entries))
+	for i, e := range j.toc.Entries {
+		byName[e.Name] = i
+	}
+	planned := make(map[int]bool)
+	for _, name := range j.toc.Prefetch {
+		i, ok := byName[name]
+		if !ok {
+			continue
+		}
+		e := j.toc.Entries[i]
+		if e.Type == artifact.TypeHardlink {
+			if k, ok := byName[e.Linkname]; ok {
+				e = j.toc.Entries[k]
+			}
+		}
+		if e.Type != artifact.TypeReg || e.Size == 0 {
+			continue
+		}
+		first, last := j.toc.ChunkRange(e.Offset, e.Size)
+		start := -1
+		var size int64
+		flush := func(end int) {
+			if start >= 0 {
+				j.prefetch = append(j.prefetch, &task{job: j, first: start, last: end, why: causePrefetch})
+			}
+			start, size = -1, 0
+		}
+		for c := first; c < last; c++ {
+			if planned[c] {
+				flush(c)
+				continue
+			}
+			planned[c] = true
+			if start >= 0 && size+j.toc.Chunks[c].CompressedSize > maxCoalesce {
+				flush(c)
+			}
+			if start < 0 {
+				start = c
+			}
+			size += j.toc.Chunks[c].CompressedSize
+		}
+		flush(last)
+	}
+	return j
+}
+
+// nextLocked returns the layer's next background task: a run of missing
+// chunks from the cursor, or, when the cursor is at the end and nothing is
+// in flight, its completion check.
+func (j *layerJob) nextLocked(p *hostPool) *task {
+	chunks := j.toc.Chunks
+	if j.background {
+		var size int64
+		start := -1
+		for ; j.cursor < len(chunks); j.cursor++ {
+			c := chunks[j.cursor]
+			skip := p.inflight[c.Digest] > 0 || p.s.opts.cache.Has(c.Digest)
+			if start >= 0 {
+				prev := chunks[j.cursor-1]
+				if skip || prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset || size+c.CompressedSize > p.s.opts.maxCoalesce {
+					break
+				}
+			}
+			if skip {
+				continue
+			}
+			if start < 0 {
+				start = j.cursor
+			}
+			size += c.CompressedSize
+		}
+		if start >= 0 {
+			return &task{job: j, first: start, last: j.cursor, why: causeBackground}
+		}
+	}
+	if j.running > 0 || len(j.prefetch) > 0 {
+		return nil
+	}
+	j.idle = true // until the check below says otherwise
+	return &task{job: j, verify: true}
+}
+
+// stop cancels the layer's work and waits for its tasks to end.
+func (j *layerJob) stop(p *hostPool) {
+	p.mu.Lock()
+	j.stopped = true
+	p.mu.Unlock()
+	j.cancel()
+	p.remove(j)
+	j.wg.Wait()
+}
+
+// complete is the completion check: when every chunk of the layer is
+// cached, it verifies the layer; when some are missing and background
+// fetch is on, it sends the cursor round again.
+func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
+	err := j.st.verify(ctx)
+	if errors.Is(err, errChunksMissing) {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if j.background {
+			j.passes++
+			j.cursor = 0
+			j.idle = false
+			if j.passes > 1 {
+				// Chunks went missing after a full pass (evicted, or a
+				// fetch failed): pause before going round again.
+				j.notBefore = time.Now().Add(min(maxBackoff, time.Duration(j.passes)*time.Second))
+			}
+		}
+		return nil
+	}
+	return err
+}
+
+// rateWindow measures a rate over the last rateSpan.
+type rateWindow struct {
+	mu      sync.Mutex
+	samples []rateSample
+}
+
+type rateSample struct {
+	at time.Time
+	n  int64
+}
+
+const rateSpan = 10 * time.Second
+
+func (w *rateWindow) add(at time.Time, n int64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.pruneLocked(at)
+	w.samples = append(w.samples, rateSample{at, n})
+}
+
+func (w *rateWindow) pruneLocked(now time.Time) {
+	i := 0
+	for i < len(w.samples) && now.Sub(w.samples[i].at) > rateSpan {
+		i++
+	}
+	w.samples = append(w.samples[:0], w.samples[i:]...)
+}
+
+// perSecond is the bytes per second of the last rateSpan.
+func (w *rateWindow) perSecond(now time.Time) float64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.pruneLocked(now)
+	var n int64
+	for _, s := range w.samples {
+		n += s.n
+	}
+	return float64(n) / rateSpan.Seconds()
+}
+
+// latencyBuckets are the upper bounds (seconds) of the range request
+// latency histogram.
+var latencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+// histogram is a lock-free fixed-bucket histogram.
+type histogram struct {
+	counts [13]atomic.Uint64 // len(latencyBuckets)+1: the last is +Inf
+	sumNs  atomic.Int64
+}
+
+func (h *histogram) observe(d time.Duration) {
+	s := d.Seconds()
+	i := 0
+	for i < len(latencyBuckets) && s > latencyBuckets[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sumNs.Add(int64(d))
+}
+
+// Histogram is a snapshot of a latency histogram: Counts[i] observations
+// fell at or below Bounds[i] (seconds) and above the bound before, the
+// last count above every bound.
+type Histogram struct {
+	Bounds []float64
+	Counts []uint64
+	Sum    float64 // seconds
+}
+
+// Count is the number of observations.
+func (h Histogram) Count() uint64 {
+	var n uint64
+	for _, c := range h.Counts {
+		n += c
+	}
+	return n
+}
+
+func (h *histogram) snapshot() Histogram {
+	out := Histogram{Bounds: latencyBuckets, Counts: make([]uint64, len(h.counts)), Sum: time.Duration(h.sumNs.Load()).Seconds()}
+	for i := range h.counts {
+		out.Counts[i] = h.counts[i].Load()
+	}
+	return out
+}

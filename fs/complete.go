@@ -1,0 +1,194 @@
+package fs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/sirupsen/logrus"
+
+	"github.com/streamer-dev/streamer/artifact"
+)
+
+// errChunksMissing: a layer cannot be verified yet, some chunks are not
+// cached.
+var errChunksMissing = errors.New("chunks missing from the cache")
+
+// layerState is one mounted layer, shared by all its mounts: its record,
+// TOC, reader and background job.
+type layerState struct {
+	m        *Manager
+	layer    digest.Digest
+	image    string // image reference it was mounted for
+	rec      layerRecord
+	toc      *artifact.TOC
+	reader   *remoteReader
+	job      *layerJob // nil when the layer was complete at mount
+	pool     *hostPool
+	log      *logrus.Entry
+	stats    layerStats
+	mounted  time.Time
+	refs     int // mounts; guarded by Manager.mu
+	complete atomic.Bool
+	bad      atomic.Bool
+}
+
+// cachedBytes returns the uncompressed bytes of the layer's chunks held in
+// the cache, and whether all of them are.
+func (st *layerState) cachedBytes() (int64, bool) {
+	var n int64
+	all := true
+	for _, c := range st.toc.Chunks {
+		if st.m.opts.Cache.Has(c.Digest) {
+			n += c.Size
+		} else {
+			all = false
+		}
+	}
+	return n, all
+}
+
+// verify rebuilds the layer's uncompressed tar from the cached chunks, in
+// order, and checks it against the layer's diffID (the image config's,
+// which the converter checked the TOC against). It marks the layer
+// complete, or bad on mismatch. It returns errChunksMissing when the
+// layer is not all cached.
+func (st *layerState) verify(ctx context.Context) error {
+	if st.complete.Load() || st.bad.Load() {
+		return nil
+	}
+	if _, all := st.cachedBytes(); !all {
+		return errChunksMissing
+	}
+	start := time.Now()
+	want := st.toc.DiffID
+	if err := want.Validate(); err != nil {
+		return fmt.Errorf("verify layer %s: diffID %q: %w", st.layer, want, err)
+	}
+	h := want.Algorithm().Digester()
+	var pos int64
+	for i, c := range st.toc.Chunks {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("verify layer %s: %w", st.layer, err)
+		}
+		if c.Offset != pos {
+			return st.markBad(fmt.Sprintf("chunk %d starts at %d, want %d", i, c.Offset, pos))
+		}
+		b, ok := st.m.opts.Cache.Get(c.Digest)
+		if !ok {
+			return errChunksMissing
+		}
+		h.Hash().Write(b)
+		pos += int64(len(b))
+	}
+	if pos != st.toc.TarSize {
+		return st.markBad(fmt.Sprintf("chunks hold %d tar bytes, want %d", pos, st.toc.TarSize))
+	}
+	if got := h.Digest(); got != want {
+		return st.markBad(fmt.Sprintf("tar rebuilt from its chunks has digest %s, want diffID %s", got, want))
+	}
+	st.rec.Complete = true
+	if err := st.m.writeRecord(st.layer, st.rec); err != nil {
+		// Still complete for this daemon's life; a restart checks again.
+		st.log.WithError(err).Warn("record layer complete")
+	}
+	st.complete.Store(true)
+	st.log.WithFields(logrus.Fields{"op": "verify", "bytes": pos, "took": time.Since(start).Round(time.Millisecond)}).Info("layer complete: every chunk cached and the tar matches its diffID")
+	return nil
+}
+
+// markBad records that the layer failed its diffID check: the mount that
+// is there keeps serving verified chunks, but the next mount falls back to
+// an ordinary pull.
+func (st *layerState) markBad(why string) error {
+	st.bad.Store(true)
+	st.m.stats.layersBad.Add(1)
+	st.rec.Bad = why
+	st.log.WithFields(logrus.Fields{"op": "verify", "diffID": st.toc.DiffID}).Errorf("LAYER FAILED VERIFICATION: %s; its TOC does not describe the image's layer; the next mount pulls it normally", why)
+	if err := st.m.writeRecord(st.layer, st.rec); err != nil {
+		return fmt.Errorf("record layer %s as bad: %w", st.layer, err)
+	}
+	return nil
+}
+
+func (m *Manager) writeRecord(layer digest.Digest, rec layerRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return writeAtomic(recordPath(m.opts.Root, layer), b)
+}
+
+// LayerStatus describes a mounted layer: what the status API serves.
+type LayerStatus struct {
+	// Image is the reference the layer was mounted for.
+	Image string `json:"image"`
+	// Layer is the original layer digest.
+	Layer digest.Digest `json:"layer"`
+	// Mounts is how many mountpoints serve it.
+	Mounts int `json:"mounts"`
+	// CompressedSize is the streaming blob's size; UncompressedSize the tar's.
+	CompressedSize   int64 `json:"compressedSize"`
+	UncompressedSize int64 `json:"uncompressedSize"`
+	// CachedBytes are the uncompressed bytes of its chunks in the cache;
+	// FetchedPercent is CachedBytes of UncompressedSize.
+	CachedBytes    int64   `json:"cachedBytes"`
+	FetchedPercent float64 `json:"fetchedPercent"`
+	// Complete: every chunk cached and the tar checked against its diffID.
+	Complete bool `json:"complete"`
+	// Bad: the tar failed its diffID check.
+	Bad bool `json:"bad,omitempty"`
+	// FetchedBytes are the compressed bytes fetched for it since mount;
+	// FetchRate the bytes per second fetched over the last 10 s.
+	FetchedBytes int64   `json:"fetchedBytes"`
+	FetchRate    float64 `json:"fetchRate"`
+	// MountedAt is when this daemon mounted it first.
+	MountedAt time.Time `json:"mountedAt"`
+}
+
+// Status is the state of every layer mounted now, by image then layer.
+func (m *Manager) Status() []LayerStatus {
+	m.mu.Lock()
+	states := make([]*layerState, 0, len(m.layers))
+	refs := make([]int, 0, len(m.layers))
+	for _, st := range m.layers {
+		states = append(states, st)
+		refs = append(refs, st.refs)
+	}
+	m.mu.Unlock()
+	now := time.Now()
+	out := make([]LayerStatus, 0, len(states))
+	for i, st := range states {
+		cached, _ := st.cachedBytes()
+		s := LayerStatus{
+			Image:            st.image,
+			Layer:            st.layer,
+			Mounts:           refs[i],
+			CompressedSize:   st.toc.BlobSize,
+			UncompressedSize: st.toc.TarSize,
+			CachedBytes:      cached,
+			FetchedPercent:   100,
+			Complete:         st.complete.Load(),
+			Bad:              st.bad.Load(),
+			FetchedBytes:     st.stats.fetched.Load(),
+			FetchRate:        st.stats.rate.perSecond(now),
+			MountedAt:        st.mounted,
+		}
+		if s.UncompressedSize > 0 {
+			s.FetchedPercent = 100 * float64(cached) / float64(s.UncompressedSize)
+		}
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Image != out[j].Image {
+			return out[i].Image < out[j].Image
+		}
+		return out[i].Layer < out[j].Layer
+	})
+	return out
+}

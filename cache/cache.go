@@ -15,6 +15,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -78,6 +79,7 @@ type Store struct {
 	memLRU  *list.List
 	memSize int64
 	flights map[digest.Digest]*flight
+	pins    map[digest.Digest]int // chunks spared by eviction, by pin count
 
 	memoryHits, diskHits, misses, evictions, corrupted, fetches atomic.Int64
 }
@@ -341,15 +343,17 @@ func (s *Store) put(d digest.Digest, b []byte) error {
 }
 
 // evictLocked removes least recently used chunks until the disk tier fits
-// MaxBytes, sparing keep (the chunk just added).
+// MaxBytes, sparing keep (the chunk just added) and pinned chunks. When only
+// pinned chunks are left the tier stays over its bound: the disk itself is
+// then the limit, and a full disk only stops caching (see run).
 func (s *Store) evictLocked(keep *list.Element) {
-	for s.size > s.maxBytes {
-		el := s.diskLRU.Back()
-		if el == nil || el == keep {
-			return
+	for el := s.diskLRU.Back(); el != nil && s.size > s.maxBytes; {
+		victim, e := el, el.Value.(*diskEntry)
+		el = el.Prev()
+		if victim == keep || s.pins[e.d] > 0 {
+			continue
 		}
-		e := el.Value.(*diskEntry)
-		s.removeDiskLocked(el)
+		s.removeDiskLocked(victim)
 		if err := os.Remove(s.path(e.d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-evict", "chunk": e.d}).Warn("remove evicted chunk")
 		}
@@ -452,7 +456,11 @@ func (s *Store) run(ctx context.Context, d digest.Digest, f *flight, fetch func(
 		f.b = b
 		if err := s.put(d, b); err != nil && !errors.Is(err, ErrClosed) {
 			// The bytes are verified: serve them even if disk failed.
-			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-put", "chunk": d}).Warn("store fetched chunk")
+			msg := "store fetched chunk"
+			if errors.Is(err, syscall.ENOSPC) {
+				msg = "cache disk full: chunk served from the network, not cached"
+			}
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-put", "chunk": d}).Warn(msg)
 		}
 	}
 	s.mu.Lock()
@@ -461,6 +469,34 @@ func (s *Store) run(ctx context.Context, d digest.Digest, f *flight, fetch func(
 	}
 	s.mu.Unlock()
 	close(f.done)
+}
+
+// Pin spares chunks ds from eviction until as many Unpin calls: the
+// chunks of mounted layers stay on the node while any other chunk can go.
+// Chunks not yet stored may be pinned too.
+func (s *Store) Pin(ds []digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pins == nil {
+		s.pins = map[digest.Digest]int{}
+	}
+	for _, d := range ds {
+		s.pins[d]++
+	}
+}
+
+// Unpin undoes one Pin of ds and evicts what the bound then requires.
+func (s *Store) Unpin(ds []digest.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range ds {
+		if s.pins[d] <= 1 {
+			delete(s.pins, d)
+		} else {
+			s.pins[d]--
+		}
+	}
+	s.evictLocked(nil)
 }
 
 // Size returns the chunk bytes on disk.

@@ -652,3 +652,44 @@ func BenchmarkGet(b *testing.B) {
 		})
 	}
 }
+
+func TestPinnedChunksAreSpared(t *testing.T) {
+	const n = 1000
+	s := openStore(t, Options{MaxBytes: 3 * n, MemoryBytes: -1})
+	d := map[string]digest.Digest{}
+	b := map[string][]byte{}
+	for _, name := range []string{"a", "b", "c", "d", "e"} {
+		b[name], d[name] = chunk(name, n)
+	}
+	onDisk := func(names string) {
+		t.Helper()
+		for name, dg := range d {
+			_, err := os.Stat(s.path(dg))
+			if want := bytes.ContainsRune([]byte(names), rune(name[0])); (err == nil) != want {
+				t.Errorf("chunk %s on disk: %v, want %v", name, err == nil, want)
+			}
+		}
+	}
+	// A chunk can be pinned before it is stored (a layer mounts before its
+	// chunks arrive).
+	s.Pin([]digest.Digest{d["a"], d["b"]})
+	for _, name := range []string{"a", "b", "c", "d"} {
+		mustPut(t, s, b[name])
+	}
+	onDisk("abd") // c is the oldest unpinned chunk
+	// With every other chunk pinned the store goes over its bound rather
+	// than drop a mounted layer's data.
+	s.Pin([]digest.Digest{d["d"]})
+	mustPut(t, s, b["e"])
+	onDisk("abde")
+	if s.Size() != 4*n {
+		t.Errorf("Size = %d, want %d (over the bound, all pinned)", s.Size(), 4*n)
+	}
+	// Unpinning lets eviction catch up, oldest first.
+	s.Unpin([]digest.Digest{d["a"], d["b"]})
+	onDisk("bde")
+	s.Unpin([]digest.Digest{d["d"]})
+	if s.Size() != 3*n {
+		t.Errorf("Size = %d after unpinning, want %d", s.Size(), 3*n)
+	}
+}

@@ -391,6 +391,9 @@ func (m *Manager) acquire(layer digest.Digest, image string, rec layerRecord, to
 		layer:       &st.stats,
 	}
 	m.layers[layer] = st
+	// A mounted layer's chunks stay on the node: eviction takes other
+	// chunks first, and the disk rather than the cache bound is the limit.
+	m.opts.Cache.Pin(chunkDigests(toc))
 	if rec.Complete {
 		// Known complete: nothing of it needs the registry, as long as
 		// its chunks are still cached.
@@ -422,6 +425,18 @@ func (m *Manager) release(st *layerState) {
 	if last && st.job != nil {
 		st.job.stop(st.pool)
 	}
+	if last {
+		m.opts.Cache.Unpin(chunkDigests(st.toc))
+	}
+}
+
+// chunkDigests lists the digests of a layer's chunks.
+func chunkDigests(toc *artifact.TOC) []digest.Digest {
+	ds := make([]digest.Digest, len(toc.Chunks))
+	for i, c := range toc.Chunks {
+		ds[i] = c.Digest
+	}
+	return ds
 }
 
 // Usage returns the bytes of the layer at mountpoint held on this node: its

@@ -344,3 +344,35 @@ func chunksOf(toc *artifact.TOC, name string) []artifact.Chunk {
 	}
 	return nil
 }
+
+// TestManagerPinsMountedLayers: the chunks of a mounted layer stay cached
+// even past the cache's bound, and become evictable once it is unmounted.
+func TestManagerPinsMountedLayers(t *testing.T) {
+	e := newManagerEnv(t)
+	data := randomBytes(21, 2<<20)
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/pinned", makeTar(t, []tarEntry{reg("data.bin", 0o644, data, 1)}), true)
+	const bound = 256 << 10
+	st, err := cache.Open(cache.Options{Dir: filepath.Join(e.root, "small-cache"), MaxBytes: bound, MemoryBytes: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	m, err := fs.NewManager(fs.ManagerOptions{Root: filepath.Join(e.root, "layers"), Registry: e.client, Cache: st, Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	dir := managerMount(t, m, img.labels())
+	if got, err := readWithin(t, filepath.Join(dir, "data.bin"), 20*time.Second); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read data.bin: %v", err)
+	}
+	if st.Size() < int64(len(data)) {
+		t.Errorf("cache holds %d bytes of a mounted %d-byte file; its chunks were evicted", st.Size(), len(data))
+	}
+	if err := m.Unmount(context.Background(), dir); err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() > bound {
+		t.Errorf("cache holds %d bytes after unmount, over its %d bound", st.Size(), bound)
+	}
+}

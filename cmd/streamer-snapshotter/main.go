@@ -25,6 +25,12 @@ var version = "dev"
 const defaultConfigPath = "/etc/streamer-snapshotter/config.toml"
 
 func main() {
+	// Subcommands (install, uninstall, check) come before the daemon's flags.
+	if len(os.Args) > 1 {
+		if sub, ok := subcommands[os.Args[1]]; ok {
+			os.Exit(sub(os.Args[2:], os.Stdout, os.Stderr))
+		}
+	}
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "streamer-snapshotter: %v\n", err)
 		os.Exit(1)

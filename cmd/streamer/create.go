@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -14,12 +16,16 @@ import (
 	"github.com/streamer-dev/streamer/artifact"
 	"github.com/streamer-dev/streamer/config"
 	"github.com/streamer-dev/streamer/converter"
+	"github.com/streamer-dev/streamer/service"
 )
 
 type createFlags struct {
 	platform  string
 	chunkSize string
 	output    string
+	image     string
+	noWait    bool
+	server    serverFlags
 }
 
 func newCreateCmd(g *globalFlags) *cobra.Command {
@@ -32,17 +38,42 @@ artifact and pushes it into IMAGE's repository as a referrer of the platform's
 image manifest. It prints the artifact digest of each platform. An image that
 already has a streaming artifact is left alone (create is idempotent), and
 layers converted before on this machine are reused when the registry still
-has them.`,
-		Example: "  streamer create registry.example.com/team/app:1.0\n  streamer create --platform linux/arm64 --chunk-size 2MiB --insecure 10.0.0.5:5000 10.0.0.5:5000/app:1.0",
-		Args:    exactArgs(1),
+has them.
+
+With a conversion service (--server URL or $STREAMER_SERVER), create starts an
+operation there and prints its id; without --no-wait it follows the
+operation's progress until it ends.`,
+		Example: "  streamer create registry.example.com/team/app:1.0\n  streamer create --server http://127.0.0.1:8080 --image registry.example.com/team/app:1.0 --no-wait\n  streamer create --platform linux/arm64 --chunk-size 2MiB --insecure 10.0.0.5:5000 10.0.0.5:5000/app:1.0",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if f.image != "" {
+				if len(args) > 0 {
+					return usageError{errors.New("give IMAGE or --image, not both")}
+				}
+				return nil
+			}
+			return exactArgs(1)(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runCreate(cmd, g, f, args[0])
+			image := f.image
+			if image == "" {
+				image = args[0]
+			}
+			if f.server.configured() {
+				return runCreateRemote(cmd, f, image)
+			}
+			if f.noWait {
+				return usageError{errors.New("--no-wait needs a conversion service (--server)")}
+			}
+			return runCreate(cmd, g, f, image)
 		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.platform, "platform", "", "convert only this `PLATFORM` (os/arch[/variant]) of a multi-platform image")
 	fl.StringVar(&f.chunkSize, "chunk-size", "", "maximum uncompressed chunk `SIZE`, e.g. 1MiB (64KiB..64MiB; default 1MiB)")
 	fl.StringVarP(&f.output, "output", "o", "text", "output `FORMAT`: text or json (JSON lines)")
+	fl.StringVar(&f.image, "image", "", "the `IMAGE` to convert (instead of the argument)")
+	fl.BoolVar(&f.noWait, "no-wait", false, "with a service: print the operation id and return without following it")
+	f.server.add(fl)
 	return cmd
 }
 
@@ -286,4 +317,75 @@ func humanBytes(n int64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
+
+// runCreateRemote starts an operation on the conversion service, prints its
+// id and, unless --no-wait, follows it to its end.
+func runCreateRemote(cmd *cobra.Command, f *createFlags, image string) error {
+	if err := checkOutput(f.output); err != nil {
+		return err
+	}
+	if f.platform != "" || f.chunkSize != "" {
+		return usageError{errors.New("--platform and --chunk-size apply to local conversions; the service converts every platform with its own settings")}
+	}
+	if _, err := parseRef(image); err != nil {
+		return err
+	}
+	c, err := f.server.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), f.server.timeout)
+	defer cancel()
+	op, _, err := c.Create(ctx, image)
+	if err != nil {
+		return serverError(err)
+	}
+	stdout, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
+	if f.output == "json" {
+		writeJSON(stdout, op)
+	} else {
+		fmt.Fprintln(stdout, op.ID)
+	}
+	if f.noWait {
+		return nil
+	}
+	seen := map[string]string{}
+	op, err = c.Wait(ctx, op.ID, 250*time.Millisecond, func(o *service.Operation) {
+		for _, l := range o.Layers {
+			state := "converting"
+			switch {
+			case l.Reused:
+				state = "reused"
+			case l.Done:
+				state = "done"
+			}
+			key := l.Platform + l.Layer.String()
+			if seen[key] != state {
+				seen[key] = state
+				fmt.Fprintf(stderr, "%s: %s (%s)\n", layerName(converter.LayerEvent{Platform: l.Platform, Index: l.Index, Count: l.Count, Layer: l.Layer}), state, humanBytes(l.Size))
+			}
+		}
+	})
+	if err != nil {
+		return serverError(err)
+	}
+	if f.output == "json" {
+		writeJSON(stdout, op)
+	} else {
+		for _, r := range op.Results {
+			state := "created"
+			if r.Existing {
+				state = "existing"
+			}
+			fmt.Fprintf(stdout, "%s\t%s\t%s\n", orDash(r.Platform), r.Artifact, state)
+		}
+	}
+	switch op.State {
+	case service.Failed:
+		return fmt.Errorf("operation %s failed: %s", op.ID, op.Error)
+	case service.Canceled:
+		return fmt.Errorf("operation %s was canceled", op.ID)
+	}
+	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // Proxy is a loopback HTTP reverse proxy in front of a registry that counts
@@ -32,6 +33,7 @@ type Proxy struct {
 	tamper func(path string, body []byte) []byte
 	down   bool
 	reset  bool
+	rate   int64 // blob body bytes per second; 0: unlimited
 	paths  []string
 }
 
@@ -110,19 +112,42 @@ func (p *Proxy) modify(resp *http.Response) error {
 		resp.ContentLength = int64(len(body))
 		resp.Header.Set("Content-Length", strconv.Itoa(len(body)))
 	}
-	resp.Body = &countingBody{ReadCloser: resp.Body, n: &p.blobBytes}
+	p.mu.Lock()
+	rate := p.rate
+	p.mu.Unlock()
+	resp.Body = &countingBody{ReadCloser: resp.Body, n: &p.blobBytes, rate: rate, start: time.Now()}
 	return nil
 }
 
+// countingBody counts a blob body's bytes and, with a rate, paces them.
 type countingBody struct {
 	io.ReadCloser
-	n *atomic.Int64
+	n     *atomic.Int64
+	rate  int64
+	start time.Time
+	sent  int64
 }
 
 func (c *countingBody) Read(b []byte) (int, error) {
+	if c.rate > 0 && int64(len(b)) > c.rate/10 {
+		b = b[:max(c.rate/10, 1)]
+	}
 	n, err := c.ReadCloser.Read(b)
 	c.n.Add(int64(n))
+	if c.rate > 0 {
+		c.sent += int64(n)
+		due := c.start.Add(time.Duration(float64(c.sent) / float64(c.rate) * float64(time.Second)))
+		time.Sleep(time.Until(due))
+	}
 	return n, err
+}
+
+// SetRate limits each blob response body to bytesPerSecond (a slow link);
+// 0 removes the limit. It applies to responses that start afterwards.
+func (p *Proxy) SetRate(bytesPerSecond int64) {
+	p.mu.Lock()
+	p.rate = bytesPerSecond
+	p.mu.Unlock()
 }
 
 // SetTamper installs fn to rewrite every blob response body (GET of

@@ -45,6 +45,59 @@ type RegistryOptions struct {
 	// the scopes they ask for; anonymous requests get no access. When
 	// Htpasswd is empty, everyone gets every scope asked for.
 	Token bool
+	// Notifications are the registry's notification endpoints
+	// (notifications.endpoints): it POSTs event envelopes to each.
+	Notifications []NotificationEndpoint
+}
+
+// NotificationEndpoint is one entry of the registry's
+// notifications.endpoints. Pull events are not sent.
+type NotificationEndpoint struct {
+	// Name identifies the endpoint in the registry's logs; default "streamer".
+	Name string
+	// URL receives the POSTs.
+	URL string
+	// Headers are sent with every POST (e.g. Authorization).
+	Headers map[string]string
+	// Timeout bounds one POST (default 2s); Backoff is the delay before a
+	// retry after a failure (default 200ms).
+	Timeout, Backoff time.Duration
+}
+
+// notificationsYAML renders eps as the registry config's notifications
+// section ("" for none). Values are quoted as JSON strings, valid YAML.
+func notificationsYAML(eps []NotificationEndpoint) string {
+	if len(eps) == 0 {
+		return ""
+	}
+	var b strings.Builder
+	b.WriteString("notifications:\n  endpoints:\n")
+	for i, ep := range eps {
+		name := ep.Name
+		if name == "" {
+			name = fmt.Sprintf("streamer-%d", i)
+		}
+		timeout, backoff := ep.Timeout, ep.Backoff
+		if timeout <= 0 {
+			timeout = 2 * time.Second
+		}
+		if backoff <= 0 {
+			backoff = 200 * time.Millisecond
+		}
+		fmt.Fprintf(&b, "    - name: %q\n      url: %q\n      timeout: %s\n      threshold: 3\n      backoff: %s\n      ignore:\n        actions: [pull]\n", name, ep.URL, timeout, backoff)
+		if len(ep.Headers) > 0 {
+			keys := make([]string, 0, len(ep.Headers))
+			for k := range ep.Headers {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			b.WriteString("      headers:\n")
+			for _, k := range keys {
+				fmt.Fprintf(&b, "        %q: [%q]\n", k, ep.Headers[k])
+			}
+		}
+	}
+	return b.String()
 }
 
 // Reg is a running docker-registry on 127.0.0.1.
@@ -138,7 +191,7 @@ http:
   secret: streamer-testenv-secret
   headers:
     X-Content-Type-Options: [nosniff]
-%s`, r.Dir, r.Host, auth)
+%s%s`, r.Dir, r.Host, auth, notificationsYAML(opts.Notifications))
 	if err := os.WriteFile(r.cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatalf("testenv: write registry config: %v", err)
 	}

@@ -121,6 +121,7 @@ func TestDaemonSet(t *testing.T) {
 	}
 	spec := ds.Spec.Template.Spec
 	def := config.DefaultDaemon()
+	socketDir := path.Dir(def.Address)
 
 	// Scheduling.
 	if got := spec.NodeSelector["streamer.dev/enabled"]; got != "true" {
@@ -135,8 +136,7 @@ func TestDaemonSet(t *testing.T) {
 		}
 	}
 
-	// Volumes: host paths the daemon and containerd must share, each at
-	// the same path inside the container as on the host.
+	// Volumes: host paths only.
 	hostPaths := map[string]string{} // volume -> host path
 	for _, v := range spec.Volumes {
 		if v.HostPath == nil {
@@ -145,45 +145,25 @@ func TestDaemonSet(t *testing.T) {
 		}
 		hostPaths[v.Name] = v.HostPath.Path
 	}
-	for _, p := range []string{"/dev/fuse", "/etc/containerd", "/etc/streamer-snapshotter", "/run/systemd", path.Dir(def.Address), def.Root} {
+	for _, p := range []string{"/usr/local/bin", "/etc/systemd/system", "/etc/containerd", "/etc/streamer-snapshotter", "/run/systemd", socketDir} {
 		if !slices.Contains(mapValues(hostPaths), p) {
 			t.Errorf("no hostPath volume for %s", p)
+		}
+	}
+	// The daemon runs on the host, not in the pod: the pod holds neither
+	// FUSE nor the snapshotter's root.
+	for _, p := range []string{"/dev/fuse", def.Root} {
+		if slices.Contains(mapValues(hostPaths), p) {
+			t.Errorf("hostPath volume for %s: the daemon must not run in the pod (a pod that needs the snapshotter cannot be recreated without it)", p)
 		}
 	}
 
 	if len(spec.InitContainers) != 1 || len(spec.Containers) != 1 {
 		t.Fatalf("%d init containers and %d containers, want 1 and 1", len(spec.InitContainers), len(spec.Containers))
 	}
-	initC, daemon := spec.InitContainers[0], spec.Containers[0]
-	for _, c := range []corev1.Container{initC, daemon} {
-		if c.Image == "" || !strings.Contains(c.Image, ":") {
-			t.Errorf("container %s: image %q, want a tagged image", c.Name, c.Image)
-		}
-		if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
-			t.Errorf("container %s is not privileged", c.Name)
-		}
-		for _, m := range c.VolumeMounts {
-			hp, ok := hostPaths[m.Name]
-			if !ok {
-				t.Errorf("container %s mounts unknown volume %s", c.Name, m.Name)
-			} else if hp != m.MountPath {
-				t.Errorf("container %s mounts host %s at %s: paths must be equal, containerd reads them on the host", c.Name, hp, m.MountPath)
-			}
-		}
-	}
-	if initC.Image != daemon.Image {
-		t.Errorf("init image %s, daemon image %s: want one image", initC.Image, daemon.Image)
-	}
-
-	// The installer: install against the host's files, no unit (the daemon
-	// is this pod), containerd restarted.
-	if len(initC.Command) < 2 || initC.Command[1] != "install" {
-		t.Errorf("init container runs %q, want streamer-snapshotter install", initC.Command)
-	}
-	for _, want := range []string{"--restart-containerd", "--unit-dir="} {
-		if !slices.Contains(initC.Command, want) {
-			t.Errorf("init container command %q lacks %s", initC.Command, want)
-		}
+	initC, main := spec.InitContainers[0], spec.Containers[0]
+	if initC.Image != main.Image {
+		t.Errorf("init image %s, main image %s: want one image", initC.Image, main.Image)
 	}
 	mounted := func(c corev1.Container, p string) *corev1.VolumeMount {
 		for i, m := range c.VolumeMounts {
@@ -193,39 +173,94 @@ func TestDaemonSet(t *testing.T) {
 		}
 		return nil
 	}
-	for _, p := range []string{"/etc/containerd", "/etc/streamer-snapshotter", "/run/systemd"} {
+
+	// The installer: copies the binary to the host, writes the unit and
+	// edits containerd's config, then has the host's systemd start the
+	// daemon and restart containerd.
+	if len(initC.Command) < 2 || initC.Command[1] != "install" {
+		t.Fatalf("init container runs %q, want streamer-snapshotter install", initC.Command)
+	}
+	if !slices.Contains(initC.Command, "--restart-containerd") {
+		t.Errorf("init container command %q lacks --restart-containerd", initC.Command)
+	}
+	if initC.SecurityContext == nil || initC.SecurityContext.Privileged == nil || !*initC.SecurityContext.Privileged {
+		t.Errorf("init container is not privileged (it writes host files and talks to the host's systemd)")
+	}
+	unitDir, binary, copyTo := flagValue(initC.Command, "--unit-dir"), flagValue(initC.Command, "--binary"), flagValue(initC.Command, "--copy-binary")
+	if unitDir == "" || binary == "" || copyTo == "" {
+		t.Fatalf("init container command %q: want --unit-dir, --binary and --copy-binary set (a systemd unit on the host runs the copied binary)", initC.Command)
+	}
+	// The copy lands where the unit looks: --copy-binary is --binary seen
+	// through the host-bin mount.
+	copied := false
+	for _, m := range initC.VolumeMounts {
+		rel, ok := strings.CutPrefix(copyTo, m.MountPath+"/")
+		if ok && path.Join(hostPaths[m.Name], rel) == binary {
+			copied = true
+		}
+	}
+	if !copied {
+		t.Errorf("--copy-binary=%s is not --binary=%s on the host through any mount of the init container", copyTo, binary)
+	}
+	for _, c := range []corev1.Container{initC, main} {
+		if c.Image == "" || !strings.Contains(c.Image, ":") {
+			t.Errorf("container %s: image %q, want a tagged image", c.Name, c.Image)
+		}
+		for _, m := range c.VolumeMounts {
+			hp, ok := hostPaths[m.Name]
+			switch {
+			case !ok:
+				t.Errorf("container %s mounts unknown volume %s", c.Name, m.Name)
+			case c.Name == initC.Name && strings.HasPrefix(copyTo, m.MountPath+"/"):
+				// The binary's directory: mounted aside, so the image's
+				// own binary is not hidden.
+			case hp != m.MountPath:
+				t.Errorf("container %s mounts host %s at %s: paths must be equal, they are written into host files", c.Name, hp, m.MountPath)
+			}
+		}
+	}
+	for _, p := range []string{unitDir, "/etc/containerd", "/etc/streamer-snapshotter", "/run/systemd", socketDir} {
 		if mounted(initC, p) == nil {
 			t.Errorf("init container does not mount %s", p)
 		}
 	}
 
-	// The daemon: FUSE, its socket where containerd dials it, and its root
-	// with bidirectional propagation so the FUSE mounts it makes are seen by
-	// containerd on the host.
-	for _, p := range []string{"/dev/fuse", path.Dir(def.Address), "/etc/streamer-snapshotter"} {
-		if mounted(daemon, p) == nil {
-			t.Errorf("daemon does not mount %s", p)
+	// The main container only checks the host's daemon: unprivileged,
+	// read-only, its command a long-running check.
+	if len(main.Command) < 2 || main.Command[1] != "check" || !slices.Contains(main.Command, "--quick") || flagValue(main.Command, "--watch") == "" {
+		t.Errorf("main container runs %q, want streamer-snapshotter check --quick --watch=INTERVAL", main.Command)
+	}
+	if sc := main.SecurityContext; sc == nil || (sc.Privileged != nil && *sc.Privileged) ||
+		sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation ||
+		sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem ||
+		sc.Capabilities == nil || !slices.Contains(sc.Capabilities.Drop, corev1.Capability("ALL")) {
+		t.Errorf("main container security context %+v: want unprivileged, no escalation, read-only root, all capabilities dropped", sc)
+	}
+	for _, p := range []string{socketDir, "/etc/streamer-snapshotter"} {
+		if m := mounted(main, p); m == nil || !m.ReadOnly {
+			t.Errorf("main container does not mount %s read-only", p)
 		}
 	}
-	if m := mounted(daemon, def.Root); m == nil {
-		t.Errorf("daemon does not mount its root %s", def.Root)
-	} else if m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationBidirectional {
-		got := "unset"
-		if m.MountPropagation != nil {
-			got = string(*m.MountPropagation)
+	for _, p := range []string{"/etc/containerd", unitDir, "/run/systemd"} {
+		if mounted(main, p) != nil {
+			t.Errorf("main container mounts %s; only the installer needs it", p)
 		}
-		t.Errorf("root %s mounted with propagation %s, want Bidirectional", def.Root, got)
 	}
-	if m := mounted(daemon, "/etc/containerd"); m != nil {
-		t.Errorf("daemon mounts containerd's config; only the installer needs it")
+	for name, p := range map[string]*corev1.Probe{"liveness": main.LivenessProbe, "readiness": main.ReadinessProbe} {
+		if p == nil || p.Exec == nil || !slices.Contains(p.Exec.Command, "check") || !slices.Contains(p.Exec.Command, "--quick") {
+			t.Errorf("%s probe %+v, want exec streamer-snapshotter check --quick", name, p)
+		}
 	}
-	if daemon.LivenessProbe == nil || daemon.LivenessProbe.Exec == nil ||
-		!slices.Contains(daemon.LivenessProbe.Exec.Command, "check") || !slices.Contains(daemon.LivenessProbe.Exec.Command, "--quick") {
-		t.Errorf("daemon liveness probe %+v, want exec streamer-snapshotter check --quick", daemon.LivenessProbe)
+}
+
+// flagValue is the value of a --name=value argument, "" if absent.
+func flagValue(cmd []string, name string) string {
+	for _, a := range cmd {
+		if v, ok := strings.CutPrefix(a, name+"="); ok {
+			return v
+		}
 	}
-	if spec.TerminationGracePeriodSeconds == nil || *spec.TerminationGracePeriodSeconds < 15 {
-		t.Errorf("terminationGracePeriodSeconds %v: the daemon needs time to unmount its layers", spec.TerminationGracePeriodSeconds)
-	}
+	return ""
 }
 
 func mapValues(m map[string]string) []string {

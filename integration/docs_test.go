@@ -1,11 +1,15 @@
 package integration
 
 import (
+	"maps"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
@@ -104,5 +108,51 @@ func TestContainerdConfigDoc(t *testing.T) {
 	}
 	if got, _ := harness.GetPath(cfg, "plugins", "io.containerd.grpc.v1.cri", "restrict_oom_score_adj"); got != true {
 		t.Errorf("derived restrict_oom_score_adj %v", got)
+	}
+}
+
+// TestCompatibilityDoc: docs/compatibility.md lists exactly the containerd
+// versions the tests run: the system containerd's (`containerd --version`)
+// and the containerd module's in go.mod (what integration/cmd/containerd17
+// is built from), each matching a containerdMatrix entry.
+func TestCompatibilityDoc(t *testing.T) {
+	doc := string(repoFile(t, "docs/compatibility.md"))
+	_, table, ok := strings.Cut(doc, "<!-- containerd versions: TestCompatibilityDoc reads this table -->")
+	if !ok {
+		t.Fatalf("docs/compatibility.md lacks the containerd versions table marker")
+	}
+	listed := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(table), "\n") {
+		if !strings.HasPrefix(line, "|") {
+			break // end of the table
+		}
+		cell := strings.TrimSpace(strings.Split(line, "|")[1])
+		if regexp.MustCompile(`^\d+\.\d+\.\d+$`).MatchString(cell) {
+			listed[cell] = true
+		}
+	}
+
+	ctx := testContext(t, 30*time.Second)
+	system, err := harness.ContainerdVersion(ctx, os.Getenv(harness.EnvContainerd))
+	if err != nil {
+		t.Skipf("SKIP: no system containerd to compare with the doc: %v", err)
+	}
+	m := regexp.MustCompile(`(?m)^\s*github\.com/containerd/containerd v(\d+\.\d+\.\d+)\b`).FindStringSubmatch(string(repoFile(t, "go.mod")))
+	if m == nil {
+		t.Fatalf("go.mod does not require github.com/containerd/containerd")
+	}
+	release := regexp.MustCompile(`^\d+\.\d+\.\d+`)
+	want := map[string]bool{release.FindString(system): true, m[1]: true}
+	if !reflect.DeepEqual(listed, want) {
+		t.Errorf("docs/compatibility.md lists containerd %v; the tests run %v (system %q, go.mod %s)", slices.Sorted(maps.Keys(listed)), slices.Sorted(maps.Keys(want)), system, m[1])
+	}
+	for _, c := range containerdMatrix {
+		found := false
+		for v := range want {
+			found = found || c.name == "containerd-"+harness.MajorMinor(v)
+		}
+		if !found {
+			t.Errorf("matrix entry %s runs none of %v", c.name, slices.Sorted(maps.Keys(want)))
+		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -46,7 +47,7 @@ func (c *checker) fail(fix, format string, args ...any) {
 type checkFlags struct {
 	config, containerdConfig, containerdBin, image, platform string
 	quick                                                    bool
-	timeout                                                  time.Duration
+	timeout, watch                                           time.Duration
 }
 
 func parseCheckFlags(args []string, stderr io.Writer) (f checkFlags, explicitConfig bool, err error) {
@@ -59,6 +60,7 @@ func parseCheckFlags(args []string, stderr io.Writer) (f checkFlags, explicitCon
 	fset.StringVar(&f.platform, "platform", platforms.DefaultString(), "platform of --image")
 	fset.BoolVar(&f.quick, "quick", false, "only check that the daemon serves (socket, and /healthz when metrics are on): a liveness probe")
 	fset.DurationVar(&f.timeout, "timeout", 20*time.Second, "time limit of the whole check")
+	fset.DurationVar(&f.watch, "watch", 0, "repeat the check at this interval until SIGTERM, printing the lines whenever the result changes, and exit 0: the DaemonSet's long-running container")
 	if err := fset.Parse(args); err != nil {
 		return f, false, err
 	}
@@ -74,6 +76,12 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return exitCode(err, stderr)
 	}
+	if f.watch > 0 {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		watchCheck(ctx, f, explicit, stdout)
+		return 0
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), f.timeout)
 	defer cancel()
 	c := &checker{out: stdout}
@@ -82,6 +90,33 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// watchCheck runs the check every f.watch until ctx ends. It prints a
+// round's lines, timestamped, when they differ from the previous round's,
+// so the log shows each change of the node's state once.
+func watchCheck(ctx context.Context, f checkFlags, explicit bool, out io.Writer) {
+	var last string
+	for {
+		var b strings.Builder
+		cctx, cancel := context.WithTimeout(ctx, f.timeout)
+		check(cctx, &checker{out: &b}, f, explicit)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if b.String() != last {
+			last = b.String()
+			for _, line := range strings.SplitAfter(strings.TrimSuffix(last, "\n"), "\n") {
+				fmt.Fprintf(out, "%s %s", time.Now().UTC().Format(time.RFC3339), strings.TrimSuffix(line, "\n")+"\n")
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(f.watch):
+		}
+	}
 }
 
 func check(ctx context.Context, c *checker, f checkFlags, explicitConfig bool) {

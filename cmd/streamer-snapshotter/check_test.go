@@ -1,12 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -247,4 +250,60 @@ func TestCheckImage(t *testing.T) {
 		t.Errorf("exit %d, want 0:\n%s", code, out)
 	}
 	requireLines(t, out, []string{"OK   artifact found: " + image + " streams from " + res[0].Artifact.Digest.String()})
+}
+
+// TestCheckWatch is the DaemonSet's main container: `check --quick
+// --watch` keeps running, prints the state when it changes (the daemon
+// going from down to serving), not every round, and exits 0 on SIGTERM.
+func TestCheckWatch(t *testing.T) {
+	n := newCheckNode(t, "1MiB", true)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, "check", "--quick", "--watch=50ms", "--config", n.config)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	waitOutput := func(want string) {
+		t.Helper()
+		for !strings.Contains(out.String(), want) {
+			if ctx.Err() != nil {
+				t.Fatalf("check --watch never printed %q:\n%s", want, out.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitOutput("FAIL snapshotter socket: ")
+	time.Sleep(300 * time.Millisecond) // several rounds, all failing alike
+	n.listen(t, 0o660)
+	waitOutput("OK   snapshotter serves on ")
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("check --watch after SIGTERM: %v, want exit 0\n%s", err, out.String())
+	}
+	if got := strings.Count(out.String(), "FAIL snapshotter socket: "); got != 1 {
+		t.Errorf("the unchanged failure was printed %d times, want once:\n%s", got, out.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writing process and a reading test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -65,12 +65,21 @@ type installState struct {
 	SnapshotterConfigWritten string `json:"snapshotter_config_written,omitempty"`
 	// Unit is the systemd unit file install wrote; empty if none.
 	Unit string `json:"unit,omitempty"`
+	// CopiedBinary is where --copy-binary put the daemon binary when
+	// install created that file, as install saw the path; UnitBinary the
+	// same file as the unit names it (they differ when install ran in a
+	// container with the host directory mounted elsewhere). BinaryWritten
+	// is the sha256 of the copy install last wrote: uninstall removes the
+	// file only while it still has it.
+	CopiedBinary  string `json:"copied_binary,omitempty"`
+	UnitBinary    string `json:"unit_binary,omitempty"`
+	BinaryWritten string `json:"binary_written,omitempty"`
 }
 
 // installFlags are the flags install and uninstall share.
 type installFlags struct {
-	containerdConfig, config, unitDir, binary, state string
-	dryRun, restart                                  bool
+	containerdConfig, config, unitDir, binary, copyBinary, state string
+	dryRun, restart                                              bool
 }
 
 func parseInstallFlags(name string, args []string, stderr io.Writer) (installFlags, error) {
@@ -79,8 +88,9 @@ func parseInstallFlags(name string, args []string, stderr io.Writer) (installFla
 	fs.SetOutput(stderr)
 	fs.StringVar(&f.containerdConfig, "containerd-config", defaultContainerdConfig, "containerd config file to edit")
 	fs.StringVar(&f.config, "config", defaultConfigPath, "streamer-snapshotter config file (written with defaults if absent, else kept)")
-	fs.StringVar(&f.unitDir, "unit-dir", defaultUnitDir, "directory of the systemd unit; empty: no unit (the daemon runs elsewhere, e.g. in a DaemonSet)")
-	fs.StringVar(&f.binary, "binary", "", "daemon binary the unit runs (default: this executable)")
+	fs.StringVar(&f.unitDir, "unit-dir", defaultUnitDir, "directory of the systemd unit; empty: no unit (the daemon is started some other way)")
+	fs.StringVar(&f.binary, "binary", "", "daemon binary the unit runs (default: the --copy-binary destination, else this executable)")
+	fs.StringVar(&f.copyBinary, "copy-binary", "", "first copy this executable to this path (replaced atomically when it differs; the unit is then restarted); a containerized installer names the host's --binary through a host mount")
 	fs.StringVar(&f.state, "state", "", "install state file (default: install-state.json next to --config)")
 	fs.BoolVar(&f.dryRun, "dry-run", false, "print what would change, as unified diffs, and change nothing")
 	fs.BoolVar(&f.restart, "restart-containerd", false, "apply at once through systemd: (re)start the unit and restart containerd, only when something changed")
@@ -91,7 +101,7 @@ func parseInstallFlags(name string, args []string, stderr io.Writer) (installFla
 		return f, fmt.Errorf("%s: unexpected arguments %q", name, fs.Args())
 	}
 	// Paths end up in the unit and the state file: make them absolute.
-	for _, p := range []*string{&f.containerdConfig, &f.config, &f.unitDir, &f.binary, &f.state} {
+	for _, p := range []*string{&f.containerdConfig, &f.config, &f.unitDir, &f.binary, &f.copyBinary, &f.state} {
 		if *p == "" {
 			continue
 		}
@@ -158,11 +168,30 @@ func install(ctx context.Context, f installFlags, out io.Writer) error {
 		return fmt.Errorf("stat config: %w", err)
 	}
 
+	// The daemon binary, copied from this executable.
+	var binOld, binNew []byte
+	if f.copyBinary != "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find this executable to copy: %w", err)
+		}
+		if binNew, err = os.ReadFile(exe); err != nil {
+			return fmt.Errorf("read this executable to copy: %w", err)
+		}
+		if binOld, err = readOptional(f.copyBinary); err != nil {
+			return err
+		}
+	}
+	binaryChanged := f.copyBinary != "" && !bytes.Equal(binOld, binNew)
+
 	// The unit.
 	var unitPath string
 	var unitOld, unitNew []byte
 	if f.unitDir != "" {
 		binary := f.binary
+		if binary == "" {
+			binary = f.copyBinary
+		}
 		if binary == "" {
 			exe, err := os.Executable()
 			if err != nil {
@@ -191,6 +220,9 @@ func install(ctx context.Context, f installFlags, out io.Writer) error {
 	unitChanged := unitPath != "" && !bytes.Equal(unitOld, unitNew)
 
 	if f.dryRun {
+		if binaryChanged {
+			fmt.Fprintf(out, "would copy this executable to %s\n", f.copyBinary)
+		}
 		if newConfig != nil {
 			fmt.Fprint(out, nodeconfig.Diff("/dev/null", f.config, nil, newConfig))
 		}
@@ -203,7 +235,7 @@ func install(ctx context.Context, f installFlags, out io.Writer) error {
 				fmt.Fprintf(out, "# note: comments and formatting of %s would be lost (a backup is kept)\n", f.containerdConfig)
 			}
 		}
-		if newConfig == nil && !unitChanged && !containerdChanged {
+		if newConfig == nil && !binaryChanged && !unitChanged && !containerdChanged {
 			fmt.Fprintln(out, "dry run: already installed, nothing would change")
 		}
 		return nil
@@ -217,6 +249,23 @@ func install(ctx context.Context, f installFlags, out io.Writer) error {
 		st = installState{ContainerdConfig: f.containerdConfig, SnapshotterConfig: f.config, Exact: true}
 	}
 	stateChanged := false
+
+	if binaryChanged {
+		// Renamed into place: a running daemon keeps its old file.
+		if err := writeAtomic(f.copyBinary, binNew, 0o755); err != nil {
+			return err
+		}
+		if binOld == nil && st.CopiedBinary == "" {
+			st.CopiedBinary, st.UnitBinary = f.copyBinary, f.binary
+		}
+		if st.CopiedBinary == f.copyBinary {
+			st.BinaryWritten = digestOf(binNew)
+		}
+		stateChanged = true
+		fmt.Fprintf(out, "copied this executable to %s\n", f.copyBinary)
+	} else if f.copyBinary != "" {
+		fmt.Fprintf(out, "unchanged %s\n", f.copyBinary)
+	}
 
 	if newConfig != nil {
 		if err := writeAtomic(f.config, newConfig, 0o600); err != nil {
@@ -289,18 +338,20 @@ func install(ctx context.Context, f installFlags, out io.Writer) error {
 		}
 	}
 
-	if !unitChanged && !containerdChanged {
+	// A new binary needs the daemon restarted, not containerd.
+	restartUnit := unitChanged || (binaryChanged && unitPath != "")
+	if !restartUnit && !containerdChanged {
 		return nil
 	}
 	if !f.restart {
 		fmt.Fprintln(out, "next: start streamer-snapshotter (systemctl daemon-reload && systemctl enable --now streamer-snapshotter), then systemctl restart containerd; or rerun with --restart-containerd")
 		return nil
 	}
-	return applyInstall(ctx, out, unitChanged, containerdChanged, unitPath, cfg.Address)
+	return applyInstall(ctx, out, restartUnit, containerdChanged, unitPath, cfg.Address)
 }
 
-// applyInstall starts the unit (when written) and restarts containerd
-// once the snapshotter's socket is up.
+// applyInstall (re)starts the unit (when written, or its binary replaced)
+// and restarts containerd once the snapshotter's socket is up.
 func applyInstall(ctx context.Context, out io.Writer, unitChanged, containerdChanged bool, unitPath, socket string) error {
 	if !systemdRunning() {
 		fmt.Fprintf(out, "NOT restarted: systemd is not running here (%s is absent). Start streamer-snapshotter, then restart containerd with your init system; containerd reads its config only at start.\n", systemdRunDir)
@@ -326,8 +377,8 @@ func applyInstall(ctx context.Context, out io.Writer, unitChanged, containerdCha
 		fmt.Fprintf(out, "started %s\n", unitName)
 	}
 	// With a unit, containerd waits until the snapshotter serves. Without
-	// one the daemon runs elsewhere (a DaemonSet container started after
-	// this init container): containerd dials it lazily, restart at once.
+	// one the daemon is started some other way, maybe later: containerd
+	// dials it lazily, restart at once.
 	if unitPath != "" {
 		if err := waitServing(ctx, socket); err != nil {
 			return fmt.Errorf("containerd NOT restarted: %w", err)
@@ -480,6 +531,23 @@ func uninstall(ctx context.Context, f installFlags, out io.Writer) error {
 		if sd != nil {
 			if err := sd.ReloadContext(ctx); err != nil {
 				return fmt.Errorf("systemd daemon-reload: %w", err)
+			}
+		}
+	}
+	if st.BinaryWritten != "" {
+		// The path as install saw it, else as the unit names it (install
+		// ran in a container, uninstall runs on the host).
+		for _, p := range []string{st.CopiedBinary, st.UnitBinary} {
+			if b, err := os.ReadFile(p); p != "" && err == nil {
+				if digestOf(b) != st.BinaryWritten {
+					fmt.Fprintf(out, "kept %s (replaced since install)\n", p)
+					break
+				}
+				if err := os.Remove(p); err != nil {
+					return fmt.Errorf("remove %s: %w", p, err)
+				}
+				fmt.Fprintf(out, "removed %s (copied by install)\n", p)
+				break
 			}
 		}
 	}

@@ -377,12 +377,16 @@ func TestDeployCommands(t *testing.T) {
 	if err != nil {
 		t.Fatalf("init container command %q: %v", initCmd, err)
 	}
-	if f.unitDir != "" || !f.restart || f.containerdConfig != defaultContainerdConfig || f.config != defaultConfigPath {
-		t.Errorf("init container flags %+v: want no unit, restart, default paths", f)
+	if f.unitDir != defaultUnitDir || !f.restart || f.containerdConfig != defaultContainerdConfig || f.config != defaultConfigPath ||
+		f.binary != "/usr/local/bin/streamer-snapshotter" || f.copyBinary == "" {
+		t.Errorf("init container flags %+v: want the default unit dir, restart, default paths, the binary copied to the host's /usr/local/bin", f)
 	}
-	daemonCmd := spec.Containers[0].Command
-	if len(daemonCmd) != 2 || daemonCmd[1] != "--config="+defaultConfigPath {
-		t.Errorf("daemon command %q, want the binary with --config=%s", daemonCmd, defaultConfigPath)
+	mainCmd := spec.Containers[0].Command
+	if len(mainCmd) < 2 || mainCmd[1] != "check" {
+		t.Fatalf("main container runs %q, want streamer-snapshotter check", mainCmd)
+	}
+	if cf, _, err := parseCheckFlags(mainCmd[2:], io.Discard); err != nil || !cf.quick || cf.watch <= 0 || cf.config != defaultConfigPath {
+		t.Errorf("main container %q: %+v, %v; want check --quick --watch with the default config", mainCmd, cf, err)
 	}
 	for _, p := range []*struct{ cmd []string }{{spec.Containers[0].LivenessProbe.Exec.Command}, {spec.Containers[0].ReadinessProbe.Exec.Command}} {
 		if p.cmd[1] != "check" {
@@ -390,8 +394,8 @@ func TestDeployCommands(t *testing.T) {
 			continue
 		}
 		cf, _, err := parseCheckFlags(p.cmd[2:], io.Discard)
-		if err != nil || !cf.quick {
-			t.Errorf("probe %q: %+v, %v; want check --quick", p.cmd, cf, err)
+		if err != nil || !cf.quick || cf.watch != 0 {
+			t.Errorf("probe %q: %+v, %v; want check --quick (once)", p.cmd, cf, err)
 		}
 	}
 }
@@ -410,5 +414,74 @@ func TestNodeconfigDefaultAddress(t *testing.T) {
 	got, want := decodeTOML(t, out), decodeTOML(t, doc)
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("install writes\n%v\ndocs/containerd-config.toml says\n%v", got, want)
+	}
+}
+
+// TestInstallCopyBinary is the DaemonSet's install: the binary is copied
+// to the host (through a mount, so the path install writes differs from the
+// path the unit runs), idempotently; a different binary there is replaced
+// (an upgrade); uninstall removes the copy, found by either path.
+func TestInstallCopyBinary(t *testing.T) {
+	n := newNode(t, nodeContainerdConfig)
+	copyTo := filepath.Join(n.dir, "container", "host", "usr", "local", "bin", "streamer-snapshotter")
+	hostPath := filepath.Join(n.dir, "host", "usr", "local", "bin", "streamer-snapshotter")
+	args := []string{"install", "--containerd-config", n.containerdConfig, "--config", n.config, "--unit-dir", n.unitDir,
+		"--copy-binary", copyTo, "--binary", hostPath}
+	self, err := os.ReadFile(binary)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	code, out := runBinary(t, append(args, "--dry-run")...)
+	if code != 0 || !strings.Contains(out, "would copy this executable to "+copyTo) {
+		t.Fatalf("dry run: exit %d\n%s", code, out)
+	}
+	if _, err := os.Stat(copyTo); !os.IsNotExist(err) {
+		t.Fatalf("dry run copied the binary (%v)", err)
+	}
+
+	for _, tc := range []struct {
+		name, before, want string
+	}{
+		{"first install", "", "copied this executable to " + copyTo},
+		{"again", "", "unchanged " + copyTo},
+		{"upgrade", "an older streamer-snapshotter", "copied this executable to " + copyTo},
+	} {
+		if tc.before != "" {
+			writeFile(t, copyTo, tc.before)
+		}
+		before := tree(t, n.dir)
+		code, out := runBinary(t, args...)
+		if code != 0 || !strings.Contains(out, tc.want) {
+			t.Fatalf("%s: exit %d, want %q\n%s", tc.name, code, tc.want, out)
+		}
+		got, err := os.ReadFile(copyTo)
+		if err != nil || !bytes.Equal(got, self) {
+			t.Fatalf("%s: %s is not this executable (%v)", tc.name, copyTo, err)
+		}
+		if fi, _ := os.Stat(copyTo); fi.Mode().Perm() != 0o755 {
+			t.Errorf("%s: copy has mode %v, want 0755", tc.name, fi.Mode().Perm())
+		}
+		if tc.name == "again" && !reflect.DeepEqual(before, tree(t, n.dir)) {
+			t.Errorf("a second install changed files")
+		}
+		if tc.name == "upgrade" && !strings.Contains(out, "next:") {
+			t.Errorf("upgrade of the binary does not say the daemon must restart:\n%s", out)
+		}
+	}
+	unit, err := os.ReadFile(filepath.Join(n.unitDir, unitName))
+	if err != nil || !strings.Contains(string(unit), "ExecStart="+hostPath+" --config "+n.config) {
+		t.Errorf("unit does not run --binary %s: %v\n%s", hostPath, err, unit)
+	}
+
+	// Uninstall runs on the host: the copy is found at the unit's path.
+	writeFile(t, hostPath, string(self))
+	os.Remove(copyTo)
+	code, out = runBinary(t, "uninstall", "--config", n.config)
+	if code != 0 || !strings.Contains(out, "removed "+hostPath+" (copied by install)") {
+		t.Fatalf("uninstall: exit %d\n%s", code, out)
+	}
+	if _, err := os.Stat(hostPath); !os.IsNotExist(err) {
+		t.Errorf("%s still there after uninstall (%v)", hostPath, err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -105,9 +106,10 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("open snapshotter: %w", err)
 	}
-	defer sn.Close() // unmounts every remote layer
+	defer sn.Close()        // unmounts every remote layer
+	var serving atomic.Bool // /readyz
 	if cfg.MetricsAddress != "" {
-		stopMetrics, err := serveMetrics(cfg.MetricsAddress)
+		stopMetrics, err := serveMetrics(cfg.MetricsAddress, serving.Load)
 		if err != nil {
 			return err
 		}
@@ -117,12 +119,14 @@ func run() error {
 	srv := snapshotter.NewServer(sn)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
+	serving.Store(true) // the socket is bound: connections queue until Serve accepts them
 	logger.WithFields(logrus.Fields{"address": cfg.Address, "root": cfg.Root, "version": version}).Info("serving")
 	select {
 	case err := <-served:
 		return fmt.Errorf("serve snapshots API: %w", err)
 	case <-ctx.Done():
 	}
+	serving.Store(false)
 	logger.Info("shutting down")
 	timer := time.AfterFunc(10*time.Second, srv.Stop) // bound the wait for slow clients
 	defer timer.Stop()

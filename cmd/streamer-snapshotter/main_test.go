@@ -238,7 +238,7 @@ func TestServeAndStop(t *testing.T) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", metricsSock)
 		},
 	}}
-	for path, want := range map[string]string{"/healthz": "ok", "/metrics": "go_goroutines"} {
+	for path, want := range map[string]string{"/healthz": "ok", "/readyz": "ready", "/metrics": "go_goroutines"} {
 		resp, err := httpc.Get("http://metrics" + path)
 		if err != nil {
 			t.Errorf("GET %s: %v", path, err)

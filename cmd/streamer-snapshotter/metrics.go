@@ -14,9 +14,11 @@ import (
 	"github.com/streamer-dev/streamer/snapshotter"
 )
 
-// serveMetrics serves /metrics (the default Prometheus registry) and
-// /healthz on addr, a unix socket path or host:port. stop shuts it down.
-func serveMetrics(addr string) (stop func(), err error) {
+// serveMetrics serves /metrics (the default Prometheus registry), /healthz
+// (the process answers) and /readyz (200 once ready reports true: the
+// snapshots API is serving; 503 before and while shutting down) on addr, a
+// unix socket path or host:port. stop shuts it down.
+func serveMetrics(addr string, ready func() bool) (stop func(), err error) {
 	var l net.Listener
 	if filepath.IsAbs(addr) {
 		l, err = snapshotter.Listen(addr)
@@ -31,6 +33,13 @@ func serveMetrics(addr string) (stop func(), err error) {
 	mux.Handle("/status", statusHandler)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !ready() {
+			http.Error(w, "not ready: the snapshots API is not serving", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	done := make(chan struct{})

@@ -33,7 +33,17 @@ type ContainerdOptions struct {
 	// BaseConfig is the containerd config file the test starts from
 	// (docs/containerd-config.toml); empty uses DefaultContainerdConfig.
 	BaseConfig string
+	// Binary is the containerd executable; empty: $STREAMER_CONTAINERD,
+	// else containerd on PATH (Debian's /usr/bin/containerd, 1.6).
+	Binary string
+	// Shim is the runc shim (containerd-shim-runc-v2) the CRI runtime
+	// "runc" runs; empty: the one containerd finds on PATH.
+	Shim string
 }
+
+// EnvContainerd names the containerd executable StartContainerd runs when
+// ContainerdOptions.Binary is empty.
+const EnvContainerd = "STREAMER_CONTAINERD"
 
 // Containerd is a containerd daemon started for a test.
 type Containerd struct {
@@ -41,8 +51,12 @@ type Containerd struct {
 	Root       string
 	State      string
 	ConfigPath string
-	proc       *Process
-	dir        string
+	// Binary is the executable started; Version is the version its CRI
+	// API reports (e.g. "1.6.20~ds1", "1.7.35").
+	Binary  string
+	Version string
+	proc    *Process
+	dir     string
 }
 
 // DefaultContainerdConfig is the node configuration the harness uses when
@@ -99,6 +113,15 @@ func ContainerdConfig(o ContainerdOptions, c *Containerd) ([]byte, error) {
 		delete(cfg, "proxy_plugins")
 		setPath(cfg, append(cri, "containerd", "snapshotter"), "overlayfs")
 	}
+	if o.Shim != "" {
+		// A runtime table replaces containerd's default one whole, so it
+		// names its type too.
+		runc := append(cri, "containerd", "runtimes", "runc")
+		if _, ok := GetPath(cfg, append(runc, "runtime_type")...); !ok {
+			setPath(cfg, append(runc, "runtime_type"), "io.containerd.runc.v2")
+		}
+		setPath(cfg, append(runc, "runtime_path"), o.Shim)
+	}
 	setPath(cfg, append(cri, "restrict_oom_score_adj"), true)
 	setPath(cfg, append(cri, "disable_apparmor"), true)
 	if o.SandboxImage != "" {
@@ -152,8 +175,9 @@ func GetPath(m map[string]any, path ...string) (any, bool) {
 	return cur, true
 }
 
-// StartContainerd starts /usr/bin/containerd with a config built by
-// ContainerdConfig and waits until its CRI API answers. On cleanup it
+// StartContainerd starts containerd (o.Binary, $STREAMER_CONTAINERD or
+// /usr/bin/containerd) with a config built by ContainerdConfig and waits
+// until its CRI API answers; c.Version is the version it reports. On cleanup it
 // removes every pod, stops the daemon by PID (SIGTERM, then SIGKILL), kills
 // the shims it started and unmounts everything under Dir.
 func StartContainerd(t TB, o ContainerdOptions) *Containerd {
@@ -180,10 +204,11 @@ func StartContainerd(t TB, o ContainerdOptions) *Containerd {
 	if err := os.WriteFile(c.ConfigPath, data, 0o644); err != nil {
 		t.Fatalf("write containerd config: %v", err)
 	}
-	bin, err := lookPath("containerd")
+	bin, err := containerdBinary(o.Binary)
 	if err != nil {
-		t.Fatalf("containerd: %v (make deps installs it)", err)
+		t.Fatalf("containerd: %v", err)
 	}
+	c.Binary = bin
 	c.proc, err = StartProcess(bin, filepath.Join(o.Dir, "containerd.log"), "--config", c.ConfigPath)
 	if err != nil {
 		t.Fatalf("%v", err)
@@ -202,13 +227,37 @@ func StartContainerd(t TB, o ContainerdOptions) *Containerd {
 		defer cri.Close()
 		cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
 		defer ccancel()
-		_, err = cri.Runtime.Version(cctx, &runtime.VersionRequest{})
-		return err
+		v, err := cri.Runtime.Version(cctx, &runtime.VersionRequest{})
+		if err != nil {
+			return err
+		}
+		c.Version = v.RuntimeVersion
+		return nil
 	})
 	if err != nil {
 		t.Fatalf("start containerd: %v\nconfig:\n%s\nlog tail:\n%s", err, data, c.proc.LogTail(40))
 	}
 	return c
+}
+
+// containerdBinary resolves the containerd executable to run.
+func containerdBinary(bin string) (string, error) {
+	if bin == "" {
+		bin = os.Getenv(EnvContainerd)
+	}
+	if bin == "" {
+		p, err := lookPath("containerd")
+		if err != nil {
+			return "", fmt.Errorf("%w (make deps installs Debian's containerd; or set %s)", err, EnvContainerd)
+		}
+		return p, nil
+	}
+	if fi, err := os.Stat(bin); err != nil {
+		return "", fmt.Errorf("containerd binary: %w", err)
+	} else if fi.IsDir() || fi.Mode().Perm()&0o111 == 0 {
+		return "", fmt.Errorf("containerd binary %s is not an executable file", bin)
+	}
+	return bin, nil
 }
 
 // LogTail returns the end of containerd's log.
@@ -231,6 +280,18 @@ func (c *Containerd) shutdown(t TB) {
 		killTree(pid)
 	}
 	UnmountAll(t, c.dir)
+}
+
+// ShimExecutables lists the executables of the shims this daemon runs now
+// (e.g. to check which containerd-shim-runc-v2 a runtime uses).
+func (c *Containerd) ShimExecutables() []string {
+	var out []string
+	for _, pid := range c.shimPIDs() {
+		if exe, err := os.Readlink(filepath.Join("/proc", strconv.Itoa(pid), "exe")); err == nil {
+			out = append(out, exe)
+		}
+	}
+	return out
 }
 
 // shimPIDs finds the shims this daemon started: their command line names

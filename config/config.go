@@ -53,6 +53,9 @@ type Fetch struct {
 	Background            bool `toml:"background" comment:"After mount, fetch the rest of every layer in the background until it is complete and verified against its diffID."`
 	BackgroundConcurrency int  `toml:"background_concurrency" comment:"Concurrent background range requests per registry host (on-demand reads have their own fetch.concurrency)."`
 	BackgroundRateLimit   Size `toml:"background_rate_limit" comment:"Bytes per second all background fetches together may read; 0 means unlimited."`
+	// RecordWindow is how long after a layer mounts its first reads are
+	// recorded into the image's startup profile (GET /profile).
+	RecordWindow Duration `toml:"record_window" comment:"How long after a layer mounts the files read from it are recorded, per image in first-read order, for GET /profile (streamer profile); 0 records nothing."`
 }
 
 // Registry configures registry access.
@@ -96,6 +99,7 @@ func DefaultDaemon() Daemon {
 			Background:            true,
 			BackgroundConcurrency: 4,
 			BackgroundRateLimit:   0,
+			RecordWindow:          Duration(2 * time.Minute),
 		},
 	}
 }
@@ -201,6 +205,9 @@ func (d Daemon) Validate() error {
 	}
 	if d.Fetch.BackgroundConcurrency < 1 {
 		bad("fetch.background_concurrency", "must be at least 1, got %d", d.Fetch.BackgroundConcurrency)
+	}
+	if d.Fetch.RecordWindow < 0 {
+		bad("fetch.record_window", "must not be negative (0 records nothing), got %s", d.Fetch.RecordWindow)
 	}
 	if d.Fetch.BackgroundRateLimit < 0 {
 		bad("fetch.background_rate_limit", "must not be negative (0 is unlimited), got %d", d.Fetch.BackgroundRateLimit)

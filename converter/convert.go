@@ -82,6 +82,16 @@ type Options struct {
 	CacheDir string
 	// TempDir holds converted blobs until they are pushed; default os.TempDir().
 	TempDir string
+	// PrefetchList, when not nil, is the artifact's startup profile: paths
+	// of the image's merged filesystem (absolute or relative), in order of
+	// first read. Each layer's TOC lists the regular files it provides as
+	// the top-most layer holding them. An existing artifact whose lists
+	// differ is replaced by a new revision (new TOCs, the same streaming
+	// blobs). Nil leaves prefetch lists as they are.
+	PrefetchList []string
+	// PrefetchIgnoreMissing ignores paths of PrefetchList the image does
+	// not have, instead of failing with ErrPrefetchMissing.
+	PrefetchIgnoreMissing bool
 }
 
 // LayerReport describes one layer of a streaming artifact.
@@ -101,6 +111,9 @@ type LayerReport struct {
 	TarSize int64
 	Entries int
 	Chunks  int
+	// Prefetch is the number of files the layer's prefetch list names
+	// (set when Options.PrefetchList is).
+	Prefetch int
 }
 
 // Result is the outcome of converting one platform's image manifest.
@@ -115,6 +128,11 @@ type Result struct {
 	// was pushed.
 	Existing bool
 	Layers   []LayerReport
+	// Replaced is the earlier artifact revision a new one (with other
+	// prefetch lists) replaced; ReplacedRemains says it could not be
+	// deleted (the registry refuses deletes): it stays, superseded.
+	Replaced        ocispec.Descriptor
+	ReplacedRemains bool
 }
 
 // Convert makes a streaming artifact for every image manifest ref names
@@ -137,7 +155,7 @@ func Convert(ctx context.Context, c *fetcher.Client, ref fetcher.Ref, opts Optio
 		return nil, fmt.Errorf("convert %s: %w", ref, err)
 	}
 	idx := openIndex(ctx, opts.CacheDir)
-	cv := &converter{c: c, ref: ref, opts: opts, idx: idx, done: map[digest.Digest]LayerReport{}}
+	cv := &converter{c: c, ref: ref, opts: opts, idx: idx, done: map[digest.Digest]LayerReport{}, tocs: map[digest.Digest]*artifact.TOC{}}
 	var out []Result
 	for _, im := range ims {
 		res, err := cv.image(ctx, im)
@@ -158,6 +176,8 @@ type converter struct {
 	// done holds the layers converted or reused in this call, so that a
 	// layer shared by several platforms is handled once.
 	done map[digest.Digest]LayerReport
+	// tocs are TOCs made or read in this call, by digest.
+	tocs map[digest.Digest]*artifact.TOC
 }
 
 func (cv *converter) image(ctx context.Context, im fetcher.ImageManifest) (Result, error) {
@@ -168,6 +188,8 @@ func (cv *converter) image(ctx context.Context, im fetcher.ImageManifest) (Resul
 
 	existing, desc, err := cv.c.FindArtifact(ctx, cv.ref, subject)
 	switch {
+	case err == nil && cv.opts.PrefetchList != nil:
+		return cv.revise(ctx, res, existing, desc)
 	case err == nil:
 		l.WithField("artifact", desc.Digest).Info("streaming artifact already exists")
 		res.Artifact, res.Existing = desc, true
@@ -207,24 +229,15 @@ func (cv *converter) image(ctx context.Context, im fetcher.ImageManifest) (Resul
 		built = append(built, artifact.Layer{Original: rep.Original, DiffID: rep.DiffID, Blob: artDesc(rep.Blob), TOC: artDesc(rep.TOC)})
 	}
 
+	if cv.opts.PrefetchList != nil {
+		if built, _, err = cv.withPrefetch(ctx, subject, built, res.Layers); err != nil {
+			return res, fmt.Errorf("image %s: %w", subject.Digest, err)
+		}
+	}
 	// Every blob is in the registry: now the manifest may name them.
-	created := cv.opts.Created()
-	mb, err := artifact.BuildManifest(subject, built, created)
+	adesc, err := cv.pushArtifact(ctx, subject, built, cv.opts.Created())
 	if err != nil {
-		return res, fmt.Errorf("image %s: %w", subject.Digest, err)
-	}
-	cfg := artifact.EmptyConfig()
-	if err := cv.ensureBlob(ctx, cfg, func() (io.Reader, error) { return bytes.NewReader(artifact.EmptyConfigBytes), nil }); err != nil {
-		return res, fmt.Errorf("image %s: push artifact config: %w", subject.Digest, err)
-	}
-	adesc, err := cv.c.PushManifest(ctx, cv.ref, ocispec.MediaTypeImageManifest, mb, "")
-	if err != nil {
-		return res, fmt.Errorf("image %s: push streaming artifact: %w", subject.Digest, err)
-	}
-	adesc.ArtifactType = artifact.ArtifactType
-	adesc.Annotations = map[string]string{artifact.AnnotationCreated: created.UTC().Format(time.RFC3339Nano)}
-	if err := cv.c.AddReferrer(ctx, cv.ref, subject, adesc); err != nil {
-		return res, fmt.Errorf("image %s: %w", subject.Digest, err)
+		return res, err
 	}
 	res.Artifact = adesc
 	l.WithFields(log.Fields{"artifact": adesc.Digest, "layers": len(built), "op": "create"}).Info("streaming artifact pushed")
@@ -383,6 +396,7 @@ func (cv *converter) convertLayer(ctx context.Context, ev LayerEvent, ly ocispec
 		return LayerReport{}, err
 	}
 	tocDesc := ocispec.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDigest, Size: int64(len(tocBytes))}
+	cv.tocs[tocDigest] = toc
 	if err := cv.ensureBlob(ctx, res.Blob, func() (io.Reader, error) {
 		_, err := tmp.Seek(0, io.SeekStart)
 		return tmp, err

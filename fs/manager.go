@@ -70,7 +70,11 @@ type ManagerOptions struct {
 	// BackgroundRateLimit bounds the bytes per second all background
 	// requests read together; 0 is unlimited.
 	BackgroundRateLimit int64
-	Logger              *logrus.Entry
+	// RecordWindow is how long after a layer mounts the files read from
+	// it are recorded, in first-read order, into its image's startup
+	// profile (Profile); 0 records nothing.
+	RecordWindow time.Duration
+	Logger       *logrus.Entry
 }
 
 // Manager mounts the layers of streamed images: it finds an image's
@@ -83,6 +87,8 @@ type Manager struct {
 	stats   counters
 	lookups singleflight.Group
 	sched   *scheduler
+	// profiles are the startup profiles recorded per image.
+	profiles profiles
 
 	mu          sync.Mutex
 	artifacts   map[digest.Digest]lookup // by image manifest digest
@@ -217,7 +223,11 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 	if err != nil {
 		return err
 	}
-	mnt, err := Mount(mountpoint, toc, st.reader, Options{
+	var reader ChunkReader = st.reader
+	if image := labels[LabelImageRef]; m.opts.RecordWindow > 0 && image != "" {
+		reader = newRecordingReader(st.reader, toc, image, &m.profiles, m.opts.RecordWindow)
+	}
+	mnt, err := Mount(mountpoint, toc, reader, Options{
 		ReadTimeout: m.opts.ReadTimeout,
 		Logger:      log,
 		FSName:      "streamer:" + layer.Encoded()[:12],

@@ -62,6 +62,7 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 		Background:            cfg.Fetch.Background,
 		BackgroundConcurrency: cfg.Fetch.BackgroundConcurrency,
 		BackgroundRateLimit:   int64(cfg.Fetch.BackgroundRateLimit),
+		RecordWindow:          time.Duration(cfg.Fetch.RecordWindow),
 		Logger:                log.G(ctx),
 	})
 	if err != nil {

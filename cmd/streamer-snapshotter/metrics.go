@@ -31,6 +31,7 @@ func serveMetrics(addr string, ready func() bool) (stop func(), err error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.Handler())
 	mux.Handle("/status", statusHandler)
+	mux.Handle("/profile", profileHandler)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

@@ -26,6 +26,10 @@ type createFlags struct {
 	image     string
 	noWait    bool
 	server    serverFlags
+	// prefetchList is the --prefetch-list file; prefetchIgnoreMissing
+	// tolerates paths the image lacks.
+	prefetchList          string
+	prefetchIgnoreMissing bool
 }
 
 func newCreateCmd(g *globalFlags) *cobra.Command {
@@ -74,6 +78,8 @@ operation's progress until it ends.`,
 	fl.StringVar(&f.image, "image", "", "the `IMAGE` to convert (instead of the argument)")
 	fl.BoolVar(&f.noWait, "no-wait", false, "with a service: print the operation id and return without following it")
 	f.server.add(fl)
+	fl.StringVar(&f.prefetchList, "prefetch-list", "", "startup profile `FILE`: one path per line (# comments), files read at startup in order; an existing artifact with other lists gets a new revision")
+	fl.BoolVar(&f.prefetchIgnoreMissing, "prefetch-ignore-missing", false, "ignore --prefetch-list paths the image does not have instead of failing")
 	return cmd
 }
 
@@ -119,6 +125,10 @@ func runCreate(cmd *cobra.Command, g *globalFlags, f *createFlags, image string)
 		p = &lineProgress{w: stderr}
 	}
 	opts := converter.Options{Platform: f.platform, Layer: converter.LayerOptions{ChunkSize: chunk}, Progress: p.progress()}
+	if opts.PrefetchList, err = readPrefetchList(f.prefetchList); err != nil {
+		return err
+	}
+	opts.PrefetchIgnoreMissing = f.prefetchIgnoreMissing
 	results, err := converter.Convert(cmd.Context(), c, ref, opts)
 	p.finish()
 	// Results of platforms done before an error are still worth printing.
@@ -324,6 +334,9 @@ func humanBytes(n int64) string {
 func runCreateRemote(cmd *cobra.Command, f *createFlags, image string) error {
 	if err := checkOutput(f.output); err != nil {
 		return err
+	}
+	if f.prefetchList != "" {
+		return usageError{errors.New("--prefetch-list applies to local conversions, not to a conversion service")}
 	}
 	if f.platform != "" || f.chunkSize != "" {
 		return usageError{errors.New("--platform and --chunk-size apply to local conversions; the service converts every platform with its own settings")}

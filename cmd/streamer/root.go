@@ -62,6 +62,7 @@ Credentials: STREAMER_REGISTRY_USERNAME and STREAMER_REGISTRY_PASSWORD, the
 
 	root.AddCommand(newCreateCmd(g), newReferrersCmd(g), newInspectCmd(g), newPullCmd(g), newVersionCmd())
 	root.AddCommand(newStatusCmd())
+	root.AddCommand(newProfileCmd(), newRecordCmd(g))
 	root.AddCommand(newServeCmd(g), newOperationCmd(), newUpdateCmd(), newShowCmd(), newListCmd(), newDeleteCmd())
 	return root
 }

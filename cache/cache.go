@@ -499,6 +499,35 @@ func (s *Store) Unpin(ds []digest.Digest) {
 	s.evictLocked(nil)
 }
 
+// Remove deletes the chunks ds that are not pinned, from disk and memory,
+// and returns the disk bytes freed: the garbage collection of a layer no
+// longer used on the node.
+func (s *Store) Remove(ds []digest.Digest) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var freed int64
+	for _, d := range ds {
+		if s.pins[d] > 0 {
+			continue
+		}
+		if el, ok := s.mem[d]; ok {
+			s.memSize -= int64(len(el.Value.(*memEntry).b))
+			s.memLRU.Remove(el)
+			delete(s.mem, d)
+		}
+		el, ok := s.disk[d]
+		if !ok {
+			continue
+		}
+		freed += el.Value.(*diskEntry).size
+		s.removeDiskLocked(el)
+		if err := os.Remove(s.path(d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-remove", "chunk": d}).Warn("remove chunk")
+		}
+	}
+	return freed
+}
+
 // Size returns the chunk bytes on disk.
 func (s *Store) Size() int64 {
 	s.mu.Lock()

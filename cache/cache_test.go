@@ -693,3 +693,28 @@ func TestPinnedChunksAreSpared(t *testing.T) {
 		t.Errorf("Size = %d after unpinning, want %d", s.Size(), 3*n)
 	}
 }
+
+func TestRemoveSparesPinned(t *testing.T) {
+	const n = 1000
+	s := openStore(t, Options{MaxBytes: 10 * n})
+	a, da := chunk("a", n)
+	b, db := chunk("b", n)
+	mustPut(t, s, a)
+	mustPut(t, s, b)
+	s.Pin([]digest.Digest{db})
+	if freed := s.Remove([]digest.Digest{da, db}); freed != n {
+		t.Errorf("Remove freed %d bytes, want %d (the unpinned chunk)", freed, n)
+	}
+	if s.Has(da) {
+		t.Error("removed chunk a is still stored")
+	}
+	if _, err := os.Stat(s.path(da)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("removed chunk a still on disk: %v", err)
+	}
+	if !s.Has(db) {
+		t.Error("pinned chunk b was removed")
+	}
+	if s.Size() != n || s.Len() != 1 {
+		t.Errorf("Size=%d Len=%d after Remove, want %d and 1", s.Size(), s.Len(), n)
+	}
+}

@@ -473,6 +473,41 @@ func (m *Manager) Usage(ctx context.Context, mountpoint string) (int64, int64, e
 	return size, inodes, nil
 }
 
+// Forget garbage-collects a layer no longer used on this node: once its
+// snapshot is removed and no mount of it remains, its chunks (those no
+// mounted layer shares), its TOC and its record are deleted.
+func (m *Manager) Forget(ctx context.Context, labels map[string]string) error {
+	layer, err := digest.Parse(labels[LabelLayerDigest])
+	if err != nil {
+		return fmt.Errorf("forget layer: label %s: %w", LabelLayerDigest, err)
+	}
+	m.mu.Lock()
+	_, mounted := m.layers[layer]
+	m.mu.Unlock()
+	if mounted {
+		return nil
+	}
+	rec, toc, err := m.localLayer(layer)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	var freed int64
+	if err == nil {
+		freed = m.opts.Cache.Remove(chunkDigests(toc))
+	}
+	paths := []string{recordPath(m.opts.Root, layer)}
+	if rec.TOC.Digest != "" {
+		paths = append(paths, tocPath(m.opts.Root, rec.TOC.Digest))
+	}
+	for _, p := range paths {
+		if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			return fmt.Errorf("forget layer %s: %w", layer, rerr)
+		}
+	}
+	m.log.WithFields(logrus.Fields{"layer": layer, "op": "gc", "freed": freed}).Info("removed layer garbage-collected from the node")
+	return nil
+}
+
 // Close unmounts every layer this Manager mounted.
 func (m *Manager) Close() error {
 	m.mu.Lock()

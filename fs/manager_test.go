@@ -376,3 +376,49 @@ func TestManagerPinsMountedLayers(t *testing.T) {
 		t.Errorf("cache holds %d bytes after unmount, over its %d bound", st.Size(), bound)
 	}
 }
+
+// TestManagerForgetsRemovedLayers: once a layer's snapshot is removed, its
+// chunks, TOC and record leave the node, except chunks a mounted layer shares.
+func TestManagerForgetsRemovedLayers(t *testing.T) {
+	e := newManagerEnv(t)
+	shared := randomBytes(31, 200<<10)
+	own := randomBytes(32, 300<<10)
+	imgA := pushStreamedImage(t, e.client, e.proxy.Host, "test/gc-a", makeTar(t, []tarEntry{reg("shared.bin", 0o644, shared, 1), reg("own.bin", 0o644, own, 1)}), true)
+	imgB := pushStreamedImage(t, e.client, e.proxy.Host, "test/gc-b", makeTar(t, []tarEntry{reg("shared.bin", 0o644, shared, 2)}), true)
+	m := e.manager(t)
+	dirA := managerMount(t, m, imgA.labels())
+	dirB := managerMount(t, m, imgB.labels())
+	for _, p := range []string{filepath.Join(dirA, "shared.bin"), filepath.Join(dirA, "own.bin"), filepath.Join(dirB, "shared.bin")} {
+		if _, err := readWithin(t, p, 20*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tocA := tocOf(t, e, imgA.layer)
+	ctx := context.Background()
+	// Still mounted: Forget keeps everything.
+	if err := m.Forget(ctx, imgA.labels()); err != nil {
+		t.Fatal(err)
+	}
+	if !e.cache.Has(chunksOf(tocA, "own.bin")[0].Digest) {
+		t.Fatal("Forget of a mounted layer removed its chunks")
+	}
+	if err := m.Unmount(ctx, dirA); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Forget(ctx, imgA.labels()); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range chunksOf(tocA, "own.bin") {
+		if e.cache.Has(c.Digest) {
+			t.Errorf("chunk %s of a forgotten layer is still cached", c.Digest)
+		}
+	}
+	for _, c := range chunksOf(tocA, "shared.bin") {
+		if !e.cache.Has(c.Digest) {
+			t.Errorf("chunk %s shared with a mounted layer was removed", c.Digest)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(e.root, "layers", "layers", imgA.layer.Encoded()+".json")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("record of a forgotten layer: %v, want it gone", err)
+	}
+}

@@ -45,6 +45,13 @@ const (
 	LabelRemote = "containerd.io/snapshot/streamer.remote"
 )
 
+// Forgetter is implemented by a FileSystem that keeps data of a layer
+// (chunks, records) on the node: Forget is called once a remote snapshot is
+// removed and its layer unmounted, so that data can be garbage-collected.
+type Forgetter interface {
+	Forget(ctx context.Context, labels map[string]string) error
+}
+
 // ErrNotStreamable is wrapped by FileSystem.Mount when the layer cannot be
 // mounted remotely (no streaming artifact, or the lookup failed): the
 // snapshotter then falls back to an ordinary snapshot.
@@ -438,12 +445,18 @@ func (s *snapshotter) removeDirs(ctx context.Context, dirs []string) {
 	for _, dir := range dirs {
 		id := filepath.Base(dir)
 		s.mu.Lock()
+		labels, remote := s.remote[id]
 		delete(s.remote, id)
 		s.mu.Unlock()
 		mp := filepath.Join(dir, "fs")
 		if err := s.unmount(ctx, mp); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Error("snapshot directory kept: its layer is still mounted")
 			continue
+		}
+		if f, ok := s.fs.(Forgetter); ok && remote {
+			if err := f.Forget(ctx, labels); err != nil {
+				log.G(ctx).WithError(err).WithFields(layerFields(labels)).Warn("forget removed remote layer")
+			}
 		}
 		if err := os.RemoveAll(dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove snapshot directory")

@@ -60,6 +60,15 @@ type bindFS struct {
 	mounted map[string]bool   // mountpoints
 	mounts  int               // successful Mount calls
 	unmnts  int               // successful Unmount calls
+	forgot  []string          // layer digests passed to Forget
+}
+
+// Forget records the layers the snapshotter says are no longer used.
+func (b *bindFS) Forget(ctx context.Context, labels map[string]string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.forgot = append(b.forgot, labels[LabelLayerDigest])
+	return nil
 }
 
 func newBindFS(layers map[string]string) *bindFS {
@@ -430,6 +439,12 @@ func TestRemoveUnmounts(t *testing.T) {
 	}
 	if _, u := fsys.counts(); u != 1 {
 		t.Errorf("Unmount called %d times, want 1", u)
+	}
+	fsys.mu.Lock()
+	forgot := fsys.forgot
+	fsys.mu.Unlock()
+	if len(forgot) != 1 || forgot[0] != "sha256:a" {
+		t.Errorf("Forget called for %v, want [sha256:a] once the snapshot is removed", forgot)
 	}
 	// The layer's source is untouched: RemoveAll never walked into it.
 	if _, err := os.Stat(filepath.Join(e.layers["sha256:a"], "a")); err != nil {

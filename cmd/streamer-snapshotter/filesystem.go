@@ -86,6 +86,8 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 // nothing of containerd, so kinds and types are translated here.
 type layers struct{ m *fs.Manager }
 
+var _ snapshotter.Forgetter = layers{}
+
 func (l layers) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
 	err := l.m.Mount(ctx, mountpoint, labels)
 	if errors.Is(err, fs.ErrNotStreamable) {
@@ -100,6 +102,10 @@ func (l layers) Check(ctx context.Context, mountpoint string, labels map[string]
 
 func (l layers) Unmount(ctx context.Context, mountpoint string) error {
 	return l.m.Unmount(ctx, mountpoint)
+}
+
+func (l layers) Forget(ctx context.Context, labels map[string]string) error {
+	return l.m.Forget(ctx, labels)
 }
 
 func (l layers) Usage(ctx context.Context, mountpoint string) (snapshots.Usage, error) {

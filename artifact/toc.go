@@ -37,7 +37,7 @@ func DecodeTOC(r io.Reader, lim Limits) (*TOC, error) {
 	}
 	defer zr.Close()
 	lr := &io.LimitedReader{R: zr, N: lim.MaxTOCBytes + 1}
-	dec := json.NewDecoder(lr)
+	dec := json.NewDecoder(newSpaceSqueezer(lr))
 	dec.DisallowUnknownFields()
 	var t TOC
 	if err := decodeTOCJSON(dec, lim, &t); err != nil {

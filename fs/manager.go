@@ -297,6 +297,11 @@ func (m *Manager) remoteLayer(ctx context.Context, layer digest.Digest, labels m
 	if err != nil {
 		return rec, nil, fmt.Errorf("%w: %v", ErrNotStreamable, err)
 	}
+	// The TOC's chunk table must fit the blob the manifest names: a frame
+	// past its end could never be read, only fail later.
+	if toc.BlobSize != l.Blob.Size {
+		return rec, nil, fmt.Errorf("%w: TOC %s of layer %s says the blob size is %d, the artifact manifest %d: %v", ErrNotStreamable, l.TOC.Digest, layer, toc.BlobSize, l.Blob.Size, artifact.ErrInvalidTOC)
+	}
 	rec = layerRecord{Ref: ref.Name(), Blob: l.Blob, TOC: l.TOC}
 	if err := writeAtomic(tocPath(m.opts.Root, l.TOC.Digest), tb); err != nil {
 		return rec, nil, fmt.Errorf("store TOC of layer %s: %w", layer, err)

@@ -29,6 +29,11 @@ const (
 	LabelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
 	LabelLayerDigest    = "containerd.io/snapshot/cri.layer-digest"
 	LabelImageLayers    = "containerd.io/snapshot/cri.image-layers"
+	// LabelSnapshotRef is the chain id of the snapshot being prepared.
+	LabelSnapshotRef = "containerd.io/snapshot.ref"
+	// LabelParent is the parent snapshot's chain id ("" for a base layer),
+	// added by the snapshotter so the layer can be bound to its image.
+	LabelParent = "containerd.io/snapshot/streamer.parent"
 )
 
 // ErrNotStreamable is returned by Mount when a layer cannot be streamed (no
@@ -219,6 +224,10 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 	if rec.Bad != "" {
 		return fmt.Errorf("%w: layer %s failed verification against its diffID before (%s)", ErrNotStreamable, layer, rec.Bad)
 	}
+	if err := checkChain(labels, toc.DiffID); err != nil {
+		log.WithError(err).WithField("op", "verify").Error("streaming artifact does not match the image; layer pulled normally")
+		return fmt.Errorf("%w: layer %s: %v", ErrNotStreamable, layer, err)
+	}
 	st, err := m.acquire(layer, labels[LabelImageRef], rec, toc, log)
 	if err != nil {
 		return err
@@ -240,6 +249,31 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 	m.mounts[mountpoint] = &layerMount{layer: layer, toc: toc, fs: mnt, st: st}
 	m.mu.Unlock()
 	log.WithFields(logrus.Fields{"op": "mount", "files": len(toc.Entries), "chunks": len(toc.Chunks)}).Info("layer mounted")
+	return nil
+}
+
+// checkChain binds a TOC to the image being unpacked: the chain id
+// containerd asks for is derived from the image config's diffIDs, so the
+// TOC's diffID must give that chain id on top of the parent's. Completion
+// later checks the layer's bytes against the same diffID, so a TOC that
+// matches its own forged chunks cannot pass for the image's layer. Without
+// the labels (a caller that is not a snapshotter) there is nothing to bind to.
+func checkChain(labels map[string]string, diffID digest.Digest) error {
+	target, ok := labels[LabelSnapshotRef]
+	parent, hasParent := labels[LabelParent]
+	if !ok || !hasParent {
+		return nil
+	}
+	want := diffID
+	if parent != "" {
+		if _, err := digest.Parse(parent); err != nil {
+			return nil // not a chain id: a client naming snapshots its own way
+		}
+		want = digest.FromString(parent + " " + diffID.String())
+	}
+	if want.String() != target {
+		return fmt.Errorf("TOC diffID %s gives chain id %s, the image's is %s: %w", diffID, want, target, artifact.ErrDigestMismatch)
+	}
 	return nil
 }
 

@@ -110,6 +110,10 @@ func (img streamedImage) labels() map[string]string {
 		fs.LabelImageRef:       img.ref,
 		fs.LabelManifestDigest: img.manifest.String(),
 		fs.LabelLayerDigest:    img.layer.String(),
+		// A base layer pushed uncompressed: its chain id is its diffID,
+		// which is its digest.
+		fs.LabelSnapshotRef: img.layer.String(),
+		fs.LabelParent:      "",
 	}
 }
 
@@ -421,4 +425,28 @@ func TestManagerForgetsRemovedLayers(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(e.root, "layers", "layers", imgA.layer.Encoded()+".json")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("record of a forgotten layer: %v, want it gone", err)
 	}
+}
+
+// TestManagerBindsTOCToImage: a TOC whose diffID does not give the chain id
+// containerd asks for belongs to another image; the layer is pulled normally.
+func TestManagerBindsTOCToImage(t *testing.T) {
+	e := newManagerEnv(t)
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/bound", makeTar(t, []tarEntry{reg("a", 0o644, []byte("a"), 1)}), true)
+	m := e.manager(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for name, labels := range map[string]map[string]string{
+		"other chain id": {fs.LabelSnapshotRef: digest.FromString("another image").String()},
+		"other parent":   {fs.LabelParent: digest.FromString("another parent").String()},
+	} {
+		l := img.labels()
+		for k, v := range labels {
+			l[k] = v
+		}
+		if err := m.Mount(ctx, t.TempDir(), l); !errors.Is(err, fs.ErrNotStreamable) {
+			t.Errorf("%s: mount = %v; want ErrNotStreamable", name, err)
+		}
+	}
+	// The right chain id mounts (labels() carries it).
+	managerMount(t, m, img.labels())
 }

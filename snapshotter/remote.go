@@ -57,6 +57,10 @@ func (s *snapshotter) prepareRemote(ctx context.Context, key, parent, target str
 		return s.mounts(snap), nil
 	}
 
+	// The parent's chain id lets the FileSystem bind the layer to the
+	// image: chain id = sha256(parent + " " + diffID).
+	labels = maps.Clone(labels)
+	labels[LabelParent] = parent
 	if err := s.fs.Mount(ctx, mp, labels); err != nil {
 		return fallback(err)
 	}

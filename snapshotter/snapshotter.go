@@ -43,6 +43,9 @@ const (
 	// LabelRemote marks a committed snapshot whose content is a FileSystem
 	// mount, so a restart can mount it again. Its value is "true".
 	LabelRemote = "containerd.io/snapshot/streamer.remote"
+	// LabelParent carries the parent's chain id to the FileSystem, which
+	// checks that a layer's TOC belongs to the image (fs.LabelParent).
+	LabelParent = "containerd.io/snapshot/streamer.parent"
 )
 
 // Forgetter is implemented by a FileSystem that keeps data of a layer

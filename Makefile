@@ -4,7 +4,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 GOFLAGS_TEST ?= -count=1
 
-.PHONY: all build deps demo test unit integration bench fuzz vet clean
+.PHONY: all build deps demo test test-faults unit integration bench bench-deps bench-readiness bench-quick fuzz vet clean
 
 all: build
 
@@ -27,8 +27,34 @@ test: deps vet
 	$(GO) test $(GOFLAGS_TEST) -timeout 10m $$($(GO) list ./... | grep -v /integration)
 	$(GO) test $(GOFLAGS_TEST) -timeout 12m ./integration/...
 
-bench: deps
+# Reliability and security suite: fault injection between the node and the
+# registry, damaged cache, full disk, hostile artifacts, then every fuzz
+# target of remote data for 10 s.
+FUZZ_TARGETS := ./artifact:FuzzDecodeTOC ./artifact:FuzzTOCJSON ./artifact:FuzzParseManifest \
+	./converter:FuzzTarReader ./fetcher:FuzzContentRange ./fetcher:FuzzReferrers
+test-faults: deps
+	$(GO) test $(GOFLAGS_TEST) -timeout 10m -v -run 'TestFaults|TestHostile|TestArtifactContentMismatch|TestDecodeTOCWhitespaceBomb|TestSpaceSqueezer' ./fs/ ./artifact/ || status=1; \
+	for t in $(FUZZ_TARGETS); do \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime 10s "$${t%%:*}" || status=1; \
+	done; exit $${status:-0}
+
+bench: deps bench-deps
 	$(GO) test -run '^$$' -bench . -benchmem -timeout 60m ./...
+	$(GO) run ./integration/cmd/bench $(BENCH_FLAGS)
+
+# The readiness benchmark (integration/cmd/bench, docs/benchmarks.md): time to
+# pod readiness, full pull against Streamer, over a shaped registry link.
+# BENCH_FLAGS passes flags, e.g. BENCH_FLAGS="-profile cross-region -runs 3".
+BENCH_FLAGS ?=
+bench-deps: deps
+	@bash scripts/install-deps.sh --bench
+
+bench-readiness: bench-deps
+	$(GO) run ./integration/cmd/bench $(BENCH_FLAGS)
+
+# One small busybox image, 2 runs, same-region link: a few minutes, for CI.
+bench-quick: deps
+	$(GO) run ./integration/cmd/bench -quick $(BENCH_FLAGS)
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecodeTOC -fuzztime 30s ./artifact

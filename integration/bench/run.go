@@ -1,0 +1,1055 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd"
+	"github.com/containerd/containerd/content"
+	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/containerd/snapshots"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/streamer-dev/streamer/integration/harness"
+)
+
+// Config configures Run.
+type Config struct {
+	// CacheDir keeps built images, the Debian base and the registry's
+	// storage between runs.
+	CacheDir string
+	// OutDir receives results.md, results.json and the charts.
+	OutDir string
+	// Recipes are the images to measure.
+	Recipes []Recipe
+	Profile Profile
+	// Runs per cell (each cold).
+	Runs int
+	// Pods is N of the "N pods of one image at once" scenario; 0 skips it.
+	Pods int
+	// Mix runs the "three images at once" scenario with the first three
+	// recipes.
+	Mix bool
+	// Modes to measure.
+	Modes []Mode
+	// LinkID picks the namespace, interfaces and /30 (see NewLink).
+	LinkID int
+	// DelayProxy is the command line prefix that runs the delay proxy
+	// (this program's hidden subcommand); Run appends -listen, -upstream
+	// and -delay.
+	DelayProxy []string
+	// Logf prints progress lines.
+	Logf func(format string, args ...any)
+}
+
+func (c Config) logf(format string, args ...any) {
+	if c.Logf != nil {
+		c.Logf(format, args...)
+	}
+}
+
+// Preflight checks what the benchmark needs and says what is missing.
+func Preflight(needDebootstrap bool) error {
+	if os.Getuid() != 0 {
+		return errors.New("run as root: the benchmark creates a network namespace, starts containerd and mounts FUSE filesystems")
+	}
+	bins := []string{"containerd", "runc", "docker-registry", "skopeo", "ip", "tc", "chroot"}
+	if needDebootstrap {
+		bins = append(bins, "debootstrap")
+	}
+	var missing []string
+	for _, b := range bins {
+		if _, err := exec.LookPath(b); err != nil {
+			missing = append(missing, b)
+		}
+	}
+	if len(missing) > 0 {
+		hint := "run `make deps`"
+		if contains(missing, "debootstrap") {
+			hint = "run `make bench-deps` (scripts/install-deps.sh --bench)"
+		}
+		return fmt.Errorf("missing %s: %s", strings.Join(missing, ", "), hint)
+	}
+	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("no FUSE: open /dev/fuse: %w (load the fuse module or run `make deps`)", err)
+	}
+	f.Close()
+	return nil
+}
+
+// bench is one benchmark run's state.
+type bench struct {
+	cfg     Config
+	r       *harness.Runner
+	dir     string
+	bins    harness.Binaries
+	link    Link
+	regHost string // registry, direct (pushes; unshaped path inside the namespace)
+	host    string // registry behind the delay proxy: what nodes pull from
+	pause   string
+	images  []benchImage
+	report  *Report
+	mu      sync.Mutex
+	runSeq  int
+	prefNA  string // why prefetch cells are not measured
+}
+
+type benchImage struct {
+	recipe Recipe
+	built  Built
+	ref    string // lazy/full reference
+	pref   string // reference whose artifact carries a prefetch list ("" if none)
+	// prefDirect is that image's direct registry reference, prefetch its
+	// recorded list.
+	prefDirect string
+	prefetch   []string
+}
+
+// RunBenchmark builds the images, sets the link and registry up, measures every
+// cell and writes the results. Everything it starts is stopped through r's
+// cleanups, also on failure and Ctrl-C.
+func RunBenchmark(ctx context.Context, r *harness.Runner, cfg Config) (*Report, error) {
+	b := &bench{cfg: cfg, r: r, report: &Report{Profile: cfg.Profile, Date: time.Now().UTC(), LocalStart: map[string]time.Duration{}}}
+	b.dir = harness.ShortTempDir(r, "sb-")
+	var err error
+	cfg.logf("building streamer and streamer-snapshotter")
+	if b.bins, err = harness.BuildBinaries(ctx, filepath.Join(b.dir, "bin")); err != nil {
+		return nil, err
+	}
+	builder := &Builder{CacheDir: cfg.CacheDir, Logf: cfg.Logf}
+	for _, rc := range cfg.Recipes {
+		built, err := builder.Build(ctx, rc)
+		if err != nil {
+			return nil, err
+		}
+		b.images = append(b.images, benchImage{recipe: rc, built: built})
+	}
+	if err := b.startRegistry(ctx); err != nil {
+		return nil, err
+	}
+	if err := b.publish(ctx); err != nil {
+		return nil, err
+	}
+	if err := b.link.Shape(ctx); err != nil {
+		return nil, err
+	}
+	cfg.logf("link %s shaped: %s, %v round trip (delay proxy); registry %s", b.link.NS, cfg.Profile.RateString(), cfg.Profile.RTT, b.host)
+	b.report.Machine = machine()
+	note, err := b.linkCheck(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cfg.logf("%s", note)
+	b.report.Notes = append(b.report.Notes, note)
+	if err := b.probe(ctx); err != nil {
+		return b.report, err
+	}
+	for _, m := range cfg.Modes {
+		if err := b.runMode(ctx, m); err != nil {
+			return b.report, err
+		}
+	}
+	return b.report, nil
+}
+
+// machine describes this machine for the report.
+func machine() string {
+	model := "unknown CPU"
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+		f.Close()
+	}
+	kernel := ""
+	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		kernel = strings.TrimSpace(string(data))
+	}
+	load := ""
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		load = strings.Join(strings.Fields(string(data))[:3], " ")
+	}
+	return fmt.Sprintf("Machine: %d vCPU %s, kernel %s, %s; load average at start %s", runtime.NumCPU(), model, kernel, runtime.Version(), load)
+}
+
+// startRegistry creates the link and runs docker-registry and the delay
+// proxy inside its namespace.
+func (b *bench) startRegistry(ctx context.Context) error {
+	b.link = NewLink(b.cfg.LinkID, b.cfg.Profile)
+	if err := b.link.Up(b.r, ctx); err != nil {
+		return err
+	}
+	storage := filepath.Join(b.cfg.CacheDir, "registry")
+	if err := os.MkdirAll(storage, 0o755); err != nil {
+		return err
+	}
+	b.regHost = b.link.NSIP + ":5001"
+	b.host = b.link.NSIP + ":5000"
+	cfg := fmt.Sprintf(`version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: %s
+  secret: bench-secret
+`, storage, b.regHost)
+	cfgPath := filepath.Join(b.dir, "registry.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		return err
+	}
+	reg, err := exec.LookPath("docker-registry")
+	if err != nil {
+		return fmt.Errorf("docker-registry: %w (make deps)", err)
+	}
+	argv := b.link.Exec(reg, "serve", cfgPath)
+	rp, err := harness.StartProcess(argv[0], filepath.Join(b.dir, "registry.log"), argv[1:]...)
+	if err != nil {
+		return err
+	}
+	b.r.Cleanup(func() { rp.Stop(5 * time.Second) })
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := harness.WaitFor(wctx, rp, "registry in "+b.link.NS, func(ctx context.Context) error {
+		_, err := httpStatus(ctx, "http://"+b.regHost+"/v2/")
+		return err
+	}); err != nil {
+		return fmt.Errorf("%w\nregistry log:\n%s", err, rp.LogTail(20))
+	}
+	argv = b.link.Exec(append(append([]string{}, b.cfg.DelayProxy...),
+		"-listen", b.host, "-upstream", b.regHost, "-delay", (b.cfg.Profile.RTT / 2).String())...)
+	dp, err := harness.StartProcess(argv[0], filepath.Join(b.dir, "delay.log"), argv[1:]...)
+	if err != nil {
+		return err
+	}
+	b.r.Cleanup(func() { dp.Stop(5 * time.Second) })
+	return harness.WaitFor(wctx, dp, "delay proxy in "+b.link.NS, func(ctx context.Context) error {
+		_, err := httpStatus(ctx, "http://"+b.host+"/v2/")
+		return err
+	})
+}
+
+func httpStatus(ctx context.Context, u string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, nil
+}
+
+func fileSHA(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// publish pushes the pause image and every benchmark image to the registry
+// and converts them with `streamer create`, unless the cached registry
+// storage has them already (same manifest, same streamer binary).
+func (b *bench) publish(ctx context.Context) error {
+	pause, err := harness.PauseImage()
+	if err != nil {
+		return err
+	}
+	lay, err := harness.WriteLayout(filepath.Join(b.dir, "pause"), "v1", pause)
+	if err != nil {
+		return err
+	}
+	if err := harness.Push(ctx, lay, b.regHost+"/bench/pause:v1", harness.PushOptions{}); err != nil {
+		return err
+	}
+	b.pause = b.host + "/bench/pause:v1"
+	streamerSHA, err := fileSHA(b.bins.Streamer)
+	if err != nil {
+		return err
+	}
+	help, _ := harness.RunCommand(ctx, nil, b.bins.Streamer, "create", "--help")
+	if !strings.Contains(help, "--prefetch-list") {
+		b.prefNA = "streamer create has no --prefetch-list yet"
+	} else if _, err := harness.RunCommand(ctx, nil, b.bins.Streamer, "profile", "--help"); err != nil {
+		b.prefNA = "streamer has no profile command to record a prefetch list with"
+	}
+	wantPrefetch := b.prefNA == "" && contains(modeNames(b.cfg.Modes), string(ModePrefetch))
+	markers := filepath.Join(b.cfg.CacheDir, "registry-markers")
+	if err := os.MkdirAll(markers, 0o755); err != nil {
+		return err
+	}
+	for i := range b.images {
+		im := &b.images[i]
+		im.ref = b.host + "/" + im.recipe.Name + ":v1"
+		direct := b.regHost + "/" + im.recipe.Name + ":v1"
+		marker := filepath.Join(markers, strings.ReplaceAll(im.recipe.Name, "/", "_")+"-"+im.built.Manifest.Encoded()[:16]+"-"+streamerSHA)
+		if _, err := os.Stat(marker); err == nil {
+			b.cfg.logf("image %s: already in the registry and converted", im.recipe.Name)
+		} else {
+			b.cfg.logf("image %s: pushing %s to the registry", im.recipe.Name, FmtBytes(im.built.Size))
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+			_, err := harness.RunCommand(cctx, nil, "skopeo", "--insecure-policy", "copy", "--retry-times", "0", "--dest-tls-verify=false", im.built.Ref(), "docker://"+direct)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("push %s: %w", im.recipe.Name, err)
+			}
+			b.cfg.logf("image %s: converting (streamer create)", im.recipe.Name)
+			t0 := time.Now()
+			cctx, cancel = context.WithTimeout(ctx, 30*time.Minute)
+			_, err = harness.RunCommand(cctx, nil, b.bins.Streamer, "--insecure", b.regHost, "create", direct)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("convert %s: %w", im.recipe.Name, err)
+			}
+			b.cfg.logf("image %s: converted in %v", im.recipe.Name, time.Since(t0).Round(100*time.Millisecond))
+			if err := os.WriteFile(marker, nil, 0o644); err != nil {
+				return err
+			}
+		}
+		if wantPrefetch {
+			// The same image under another name, converted with its
+			// prefetch list once the probe has recorded it.
+			im.prefDirect = b.regHost + "/" + im.recipe.Name + "-prefetch:v1"
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+			_, err := harness.RunCommand(cctx, nil, "skopeo", "--insecure-policy", "copy", "--retry-times", "0", "--dest-tls-verify=false", im.built.Ref(), "docker://"+im.prefDirect)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("push %s for the prefetch mode: %w", im.recipe.Name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// node is containerd (and the snapshotter) for one mode.
+type node struct {
+	mode        Mode
+	r           *harness.Runner
+	dir         string
+	cd          *harness.Containerd
+	cri         *harness.CRI
+	cl          *containerd.Client
+	sn          *harness.Snapshotter
+	snCfg       harness.SnapshotterConfig
+	snapshotter string
+	metrics     string
+	keepContent map[digest.Digest]bool
+	keepSnaps   map[string]bool
+	cacheSeq    int
+}
+
+// runMode starts a node for mode m and measures every cell of it.
+func (b *bench) runMode(ctx context.Context, m Mode) error {
+	if m == ModePrefetch && b.prefNA == "" {
+		if err := b.convertPrefetch(ctx); err != nil {
+			return err
+		}
+	}
+	if m == ModePrefetch && b.prefNA != "" {
+		b.cfg.logf("mode %s: skipped: %s", m, b.prefNA)
+		for _, im := range b.images {
+			b.addCell(Cell{Image: shortName(im), Mode: m, Scenario: ScenarioOne, NA: b.prefNA})
+		}
+		return nil
+	}
+	sub := &harness.Runner{Log: b.r.Log}
+	b.r.Cleanup(sub.RunCleanups) // Ctrl-C while this mode runs
+	return sub.Run(func() error {
+		n, err := b.startNode(ctx, sub, m, true)
+		if err != nil {
+			return err
+		}
+		for _, im := range b.images {
+			if err := b.cellOne(ctx, n, im); err != nil {
+				return err
+			}
+			if m == ModeFull {
+				if err := b.localStart(ctx, n, im); err != nil {
+					return err
+				}
+			}
+		}
+		if b.cfg.Pods > 1 {
+			for _, im := range b.images {
+				if err := b.cellScale(ctx, n, []benchImage{im}, b.cfg.Pods, ScenarioPods(b.cfg.Pods)); err != nil {
+					return err
+				}
+			}
+		}
+		if b.cfg.Mix && len(b.images) >= 3 {
+			if err := b.cellScale(ctx, n, b.images[:3], 1, ScenarioMix); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func shortName(im benchImage) string { return filepath.Base(im.recipe.Name) }
+
+func (b *bench) addCell(c Cell) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.report.Cells = append(b.report.Cells, c)
+}
+
+func (b *bench) startNode(ctx context.Context, r *harness.Runner, m Mode, background bool) (*node, error) {
+	b.mu.Lock()
+	b.runSeq++
+	seq := b.runSeq
+	b.mu.Unlock()
+	n := &node{mode: m, r: r, dir: filepath.Join(b.dir, fmt.Sprintf("n%d", seq)), snapshotter: "overlayfs"}
+	if err := os.MkdirAll(n.dir, 0o755); err != nil {
+		return nil, err
+	}
+	opts := harness.ContainerdOptions{
+		Dir:          filepath.Join(n.dir, "c"),
+		SandboxImage: b.pause,
+		Mirrors:      map[string]string{b.host: "http://" + b.host},
+	}
+	if m != ModeFull {
+		n.snapshotter = "streamer"
+		n.metrics = filepath.Join(n.dir, "m.sock")
+		n.snCfg = harness.SnapshotterConfig{
+			Insecure:       []string{b.host},
+			Background:     new(background),
+			MetricsAddress: n.metrics,
+			CacheDir:       n.nextCacheDir(),
+		}
+		cfg, err := n.snCfg.TOML()
+		if err != nil {
+			return nil, err
+		}
+		n.sn = harness.StartSnapshotter(r, harness.SnapshotterOptions{Binary: b.bins.Snapshotter, Dir: filepath.Join(n.dir, "s"), Config: cfg, LogLevel: "info"})
+		opts.SnapshotterAddress = n.sn.Address
+		if root, err := harness.ModuleRoot(); err == nil {
+			if p := filepath.Join(root, "docs", "containerd-config.toml"); fileExists(p) {
+				opts.BaseConfig = p
+			}
+		}
+	}
+	what := "mode " + string(m)
+	if m != ModeFull && !background {
+		what = "startup probe (background fetch off)"
+	}
+	b.cfg.logf("%s: starting containerd (snapshotter %s)", what, n.snapshotter)
+	n.cd = harness.StartContainerd(r, opts)
+	n.cri = n.cd.CRI(r)
+	n.cl = n.cd.Client(r)
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if _, err := n.cri.PullImage(pctx, b.pause); err != nil {
+		return nil, fmt.Errorf("pull the pause image: %w", err)
+	}
+	// What is there now (the pause image) stays; everything else is
+	// removed before each run.
+	var err error
+	if n.keepContent, n.keepSnaps, err = n.inventory(pctx); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func (n *node) nextCacheDir() string {
+	n.cacheSeq++
+	return filepath.Join(n.dir, fmt.Sprintf("cache%d", n.cacheSeq))
+}
+
+func (n *node) nsCtx(ctx context.Context) context.Context {
+	return namespaces.WithNamespace(ctx, harness.CRINamespace)
+}
+
+// inventory lists the content and snapshots containerd has now.
+func (n *node) inventory(ctx context.Context) (map[digest.Digest]bool, map[string]bool, error) {
+	ctx = n.nsCtx(ctx)
+	cont := map[digest.Digest]bool{}
+	if err := n.cl.ContentStore().Walk(ctx, func(i content.Info) error { cont[i.Digest] = true; return nil }); err != nil {
+		return nil, nil, fmt.Errorf("list content: %w", err)
+	}
+	snaps := map[string]bool{}
+	if err := n.cl.SnapshotService(n.snapshotter).Walk(ctx, func(_ context.Context, i snapshots.Info) error { snaps[i.Name] = true; return nil }); err != nil {
+		return nil, nil, fmt.Errorf("list %s snapshots: %w", n.snapshotter, err)
+	}
+	return cont, snaps, nil
+}
+
+// cold removes pods, the benchmark images, their content and snapshots,
+// restarts the snapshotter on an empty cache and drops the page cache.
+func (b *bench) cold(ctx context.Context, n *node) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	n.cri.RemoveAllPods(ctx, n.r)
+	for _, im := range b.images {
+		for _, ref := range []string{im.ref, im.pref} {
+			if ref != "" {
+				_ = n.cri.RemoveImage(ctx, ref) // not there: fine
+			}
+		}
+	}
+	nctx := n.nsCtx(ctx)
+	cs := n.cl.ContentStore()
+	var blobs []digest.Digest
+	if err := cs.Walk(nctx, func(i content.Info) error {
+		if !n.keepContent[i.Digest] {
+			blobs = append(blobs, i.Digest)
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("list content: %w", err)
+	}
+	for _, d := range blobs {
+		_ = cs.Delete(nctx, d)
+	}
+	sns := n.cl.SnapshotService(n.snapshotter)
+	for pass := 0; ; pass++ {
+		var left []string
+		if err := sns.Walk(nctx, func(_ context.Context, i snapshots.Info) error {
+			if !n.keepSnaps[i.Name] {
+				left = append(left, i.Name)
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("list snapshots: %w", err)
+		}
+		if len(left) == 0 {
+			break
+		}
+		if pass == 10 {
+			return fmt.Errorf("snapshots left after cleanup: %v", left)
+		}
+		for _, k := range left {
+			_ = sns.Remove(nctx, k) // parents fail until their children are gone
+		}
+	}
+	if n.sn != nil {
+		old := n.snCfg.CacheDir
+		n.sn.Stop(10 * time.Second)
+		_ = os.RemoveAll(old)
+		n.snCfg.CacheDir = n.nextCacheDir()
+		cfg, err := n.snCfg.TOML()
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(n.sn.ConfigPath, []byte(cfg), 0o644); err != nil {
+			return err
+		}
+		if err := n.sn.Start(); err != nil {
+			return err
+		}
+		// containerd reconnects lazily: make it do so before the clock runs.
+		if err := harness.WaitFor(ctx, nil, "containerd reaching the restarted snapshotter", func(ctx context.Context) error {
+			return sns.Walk(n.nsCtx(ctx), func(context.Context, snapshots.Info) error { return nil })
+		}); err != nil {
+			return err
+		}
+	}
+	return dropCaches()
+}
+
+// dropCaches writes dirty pages and drops the page cache, dentries and
+// inodes, so every run reads from disk.
+func dropCaches() error {
+	unixSync()
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o200); err != nil {
+		return fmt.Errorf("drop page cache: %w", err)
+	}
+	return nil
+}
+
+// onDemandBytes reads streamer_fetched_bytes_by_cause_total{cause="on_demand"}
+// from the snapshotter's metrics socket.
+func (n *node) onDemandBytes(ctx context.Context) (int64, error) {
+	if n.metrics == "" {
+		return -1, nil
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", n.metrics)
+	}}, Timeout: 5 * time.Second}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/metrics", nil)
+	if err != nil {
+		return -1, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return -1, fmt.Errorf("read snapshotter metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	return ParseMetric(resp.Body, `streamer_fetched_bytes_by_cause_total{cause="on_demand"}`)
+}
+
+// ParseMetric finds the value of one series (name with labels, exactly as
+// the Prometheus text format prints it) in a metrics page.
+func ParseMetric(r io.Reader, series string) (int64, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.Fields(rest)[0], 64)
+			if err != nil {
+				return -1, fmt.Errorf("metric %s: %w", series, err)
+			}
+			return int64(f), nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return -1, err
+	}
+	return -1, fmt.Errorf("metric %s not found", series)
+}
+
+// podRun is one pod of a measurement.
+type podRun struct {
+	im    benchImage
+	ref   string
+	pod   *harness.Pod
+	port  int
+	name  string
+	pull  time.Duration
+	ready time.Duration
+	first []time.Duration
+	err   error
+}
+
+// measure runs the pods cold: sandboxes first (as kubelet does before
+// pulling), then from the clock's start, for every pod at once: PullImage,
+// CreateContainer, StartContainer and the readiness probe polled every
+// 10 ms until it answers 200. Once every pod is ready the link counter and
+// the snapshotter's on-demand bytes are read, then each pod serves its
+// first ten requests.
+func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (linkBytes, startupBytes int64, err error) {
+	if err := b.cold(ctx, n); err != nil {
+		return 0, 0, fmt.Errorf("make the node cold: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Minute)
+	defer cancel()
+	logs := filepath.Join(n.dir, "logs")
+	for i, p := range pods {
+		if p.port, err = harness.FreePort(); err != nil {
+			return 0, 0, err
+		}
+		p.name = fmt.Sprintf("%s-%d", shortName(p.im), i)
+		if p.pod, err = n.cri.RunPod(ctx, p.name, logs); err != nil {
+			return 0, 0, err
+		}
+	}
+	defer func() {
+		rctx, rcancel := context.WithTimeout(context.Background(), time.Minute)
+		defer rcancel()
+		for _, p := range pods {
+			_ = p.pod.Remove(rctx)
+		}
+	}()
+	rx0, err := b.link.RxBytes()
+	if err != nil {
+		return 0, 0, err
+	}
+	t0 := time.Now()
+	var wg sync.WaitGroup
+	var readyWG sync.WaitGroup
+	allReady := make(chan struct{})
+	readyWG.Add(len(pods))
+	for _, p := range pods {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			done := false
+			markReady := func() {
+				if !done {
+					done = true
+					readyWG.Done()
+				}
+			}
+			defer markReady()
+			if _, p.err = n.cri.PullImage(ctx, p.ref); p.err != nil {
+				return
+			}
+			p.pull = time.Since(t0)
+			cmd := p.im.recipe.CommandFor(p.port)
+			if _, p.err = p.pod.StartContainer(ctx, harness.ContainerSpec{Name: p.name, Image: p.ref, Command: cmd[:1], Args: cmd[1:]}); p.err != nil {
+				return
+			}
+			base := fmt.Sprintf("http://127.0.0.1:%d", p.port)
+			if p.err = harness.WaitFor(ctx, nil, "readiness of "+p.name, func(ctx context.Context) error {
+				_, err := harness.HTTPGet(ctx, base+p.im.recipe.ReadyPath)
+				return err
+			}); p.err != nil {
+				p.err = fmt.Errorf("%w\ncontainer log:\n%s", p.err, harness.FileTail(p.pod.LogPath(p.name), 20))
+				return
+			}
+			p.ready = time.Since(t0)
+			markReady()
+			select {
+			case <-allReady:
+			case <-ctx.Done():
+				p.err = ctx.Err()
+				return
+			}
+			for i := 0; i < 10; i++ {
+				s := time.Now()
+				if _, err := harness.HTTPGet(ctx, base+p.im.recipe.WorkPath); err != nil {
+					p.err = fmt.Errorf("request %d to %s: %w", i+1, p.name, err)
+					return
+				}
+				p.first = append(p.first, time.Since(s))
+			}
+		}()
+	}
+	readyWG.Wait()
+	rx1, rxErr := b.link.RxBytes()
+	startup, mErr := n.onDemandBytes(ctx)
+	close(allReady)
+	wg.Wait()
+	for _, p := range pods {
+		if p.err != nil {
+			return 0, 0, p.err
+		}
+	}
+	if rxErr != nil {
+		return 0, 0, rxErr
+	}
+	if mErr != nil {
+		b.cfg.logf("warning: %v", mErr)
+	}
+	return rx1 - rx0, startup, nil
+}
+
+// cellOne measures one pod of im, Runs times.
+func (b *bench) cellOne(ctx context.Context, n *node, im benchImage) error {
+	c := Cell{Image: shortName(im), Mode: n.mode, Scenario: ScenarioOne}
+	ref := n.refOf(im)
+	if ref == "" {
+		c.NA = "no prefetch list recorded for this image"
+		b.addCell(c)
+		return nil
+	}
+	for i := 0; i < b.cfg.Runs; i++ {
+		p := &podRun{im: im, ref: ref}
+		bytes, startup, err := b.measure(ctx, n, []*podRun{p})
+		if err != nil {
+			return fmt.Errorf("%s, %s, run %d: %w", c.Image, n.mode, i+1, err)
+		}
+		run := Run{Pull: p.pull, Ready: p.ready, FirstRequests: p.first, LinkBytes: bytes, StartupBytes: startup}
+		c.Runs = append(c.Runs, run)
+		b.progress(c, i, run)
+	}
+	b.addCell(c)
+	return nil
+}
+
+func (b *bench) progress(c Cell, i int, r Run) {
+	extra := ""
+	if r.StartupBytes >= 0 {
+		extra = fmt.Sprintf(", %s on demand", FmtBytes(r.StartupBytes))
+	}
+	b.cfg.logf("[%s | %s | %s] run %d/%d: pull %s, ready %s, first requests %s mean, %s over the link%s",
+		c.Image, c.Mode, c.Scenario, i+1, b.cfg.Runs, FmtDuration(r.Pull), FmtDuration(r.Ready), FmtDuration(Mean(r.FirstRequests)), FmtBytes(r.LinkBytes), extra)
+}
+
+// cellScale starts podsPer pods of each image at once, Runs times; one
+// cell per image, whose ready time is its slowest pod's.
+func (b *bench) cellScale(ctx context.Context, n *node, ims []benchImage, podsPer int, s Scenario) error {
+	cells := make([]Cell, len(ims))
+	for j, im := range ims {
+		cells[j] = Cell{Image: shortName(im), Mode: n.mode, Scenario: s}
+	}
+	for i := 0; i < b.cfg.Runs; i++ {
+		var pods []*podRun
+		for _, im := range ims {
+			ref := n.refOf(im)
+			if ref == "" {
+				return nil // no prefetch list: the one-pod cell says so
+			}
+			for k := 0; k < podsPer; k++ {
+				pods = append(pods, &podRun{im: im, ref: ref})
+			}
+		}
+		bytes, startup, err := b.measure(ctx, n, pods)
+		if err != nil {
+			return fmt.Errorf("%s, %s: run %d: %w", s, n.mode, i+1, err)
+		}
+		for j, im := range ims {
+			run := Run{LinkBytes: bytes, StartupBytes: startup}
+			for _, p := range pods {
+				if p.im.recipe.Name != im.recipe.Name {
+					continue
+				}
+				run.Pull = max(run.Pull, p.pull)
+				run.Ready = max(run.Ready, p.ready)
+				run.FirstRequests = append(run.FirstRequests, p.first...)
+			}
+			cells[j].Runs = append(cells[j].Runs, run)
+			b.progress(cells[j], i, run)
+		}
+	}
+	for _, c := range cells {
+		b.addCell(c)
+	}
+	return nil
+}
+
+// localStart measures the runtime's own start cost: the image stays
+// fully pulled, the page cache is dropped, and the clock runs from the
+// PullImage call (which finds the image present) to readiness.
+func (b *bench) localStart(ctx context.Context, n *node, im benchImage) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	if _, err := n.cri.PullImage(cctx, im.ref); err != nil {
+		return err
+	}
+	var ds []time.Duration
+	for i := 0; i < min(b.cfg.Runs, 3); i++ {
+		if err := dropCaches(); err != nil {
+			return err
+		}
+		p := &podRun{im: im, name: fmt.Sprintf("%s-local-%d", shortName(im), i)}
+		var err error
+		if p.port, err = harness.FreePort(); err != nil {
+			return err
+		}
+		if p.pod, err = n.cri.RunPod(cctx, p.name, filepath.Join(n.dir, "logs")); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		if _, err := n.cri.PullImage(cctx, im.ref); err != nil {
+			return err
+		}
+		cmd := im.recipe.CommandFor(p.port)
+		_, err = p.pod.StartContainer(cctx, harness.ContainerSpec{Name: p.name, Image: im.ref, Command: cmd[:1], Args: cmd[1:]})
+		if err == nil {
+			err = harness.WaitFor(cctx, nil, "readiness of "+p.name, func(ctx context.Context) error {
+				_, err := harness.HTTPGet(ctx, fmt.Sprintf("http://127.0.0.1:%d%s", p.port, im.recipe.ReadyPath))
+				return err
+			})
+		}
+		d := time.Since(t0)
+		_ = p.pod.Remove(cctx)
+		if err != nil {
+			return fmt.Errorf("local start of %s: %w", im.recipe.Name, err)
+		}
+		ds = append(ds, d)
+	}
+	local := seconds(SummarizeDurations(ds).Median)
+	b.mu.Lock()
+	b.report.LocalStart[shortName(im)] = local
+	b.mu.Unlock()
+	b.cfg.logf("[%s | local image] runtime start cost %s (median of %d)", shortName(im), FmtDuration(local), len(ds))
+	return nil
+}
+
+// WriteResults writes results.md, results.json and one SVG chart per
+// scenario into dir.
+func WriteResults(dir string, rep *Report) ([]string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	var files []string
+	write := func(name string, data []byte) error {
+		p := filepath.Join(dir, name)
+		files = append(files, p)
+		return os.WriteFile(p, data, 0o644)
+	}
+	if err := write("results.md", []byte(rep.Markdown())); err != nil {
+		return nil, err
+	}
+	js, _ := json.MarshalIndent(rep, "", "  ")
+	if err := write("results.json", js); err != nil {
+		return nil, err
+	}
+	seen := map[Scenario]bool{}
+	for _, c := range rep.Cells {
+		if seen[c.Scenario] || len(c.Runs) == 0 {
+			continue
+		}
+		seen[c.Scenario] = true
+		name := "ready-" + strings.ReplaceAll(string(c.Scenario), " ", "-") + ".svg"
+		if err := write(name, []byte(rep.SVG(c.Scenario))); err != nil {
+			return nil, err
+		}
+	}
+	return files, nil
+}
+
+func modeNames(ms []Mode) []string {
+	out := make([]string, len(ms))
+	for i, m := range ms {
+		out[i] = string(m)
+	}
+	return out
+}
+
+// refOf is the reference the node's mode pulls im by.
+func (n *node) refOf(im benchImage) string {
+	if n.mode == ModePrefetch {
+		return im.pref
+	}
+	return im.ref
+}
+
+// probe runs each image once on a Streamer node with background fetch
+// off: the on-demand bytes by readiness are then exactly what the workload
+// read at startup (with background fetch on, a read often finds its chunk
+// fetched already and is not counted), the figure the lower bounds use.
+// The snapshotter's startup profile of that run becomes the image's
+// prefetch list when the prefetch mode is measured.
+func (b *bench) probe(ctx context.Context) error {
+	sub := &harness.Runner{Log: b.r.Log}
+	b.r.Cleanup(sub.RunCleanups)
+	return sub.Run(func() error {
+		n, err := b.startNode(ctx, sub, ModeLazy, false)
+		if err != nil {
+			return err
+		}
+		b.report.StartupBytes = map[string]int64{}
+		for i := range b.images {
+			im := &b.images[i]
+			p := &podRun{im: *im, ref: im.ref}
+			_, startup, err := b.measure(ctx, n, []*podRun{p})
+			if err != nil {
+				return fmt.Errorf("startup probe of %s: %w", im.recipe.Name, err)
+			}
+			b.report.StartupBytes[shortName(*im)] = startup
+			msg := ""
+			if im.prefDirect != "" {
+				pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				out, err := harness.RunCommand(pctx, nil, b.bins.Streamer, "profile", "--address", n.metrics, "--image", im.ref)
+				cancel()
+				if err != nil {
+					b.cfg.logf("warning: no startup profile of %s: %v", im.recipe.Name, err)
+				} else {
+					im.prefetch = nil
+					for _, l := range strings.Split(out, "\n") {
+						if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
+							im.prefetch = append(im.prefetch, l)
+						}
+					}
+					msg = fmt.Sprintf(", %d files read at startup (prefetch list)", len(im.prefetch))
+				}
+			}
+			b.cfg.logf("[%s | startup probe, background fetch off] ready %s, %s read on demand%s",
+				shortName(*im), FmtDuration(p.ready), FmtBytes(startup), msg)
+		}
+		return nil
+	})
+}
+
+// convertPrefetch converts each image's prefetch copy with the list the
+// probe recorded; images without a list get no prefetch cells.
+func (b *bench) convertPrefetch(ctx context.Context) error {
+	for i := range b.images {
+		im := &b.images[i]
+		if im.prefDirect == "" || len(im.prefetch) == 0 {
+			continue
+		}
+		list := filepath.Join(b.dir, filepath.Base(im.recipe.Name)+".prefetch")
+		if err := os.WriteFile(list, []byte(strings.Join(im.prefetch, "\n")+"\n"), 0o644); err != nil {
+			return err
+		}
+		b.cfg.logf("image %s: converting with a prefetch list of %d files", im.recipe.Name, len(im.prefetch))
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+		_, err := harness.RunCommand(cctx, nil, b.bins.Streamer, "--insecure", b.regHost, "create", "--prefetch-list", list, "--prefetch-ignore-missing", im.prefDirect)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("convert %s with its prefetch list: %w", im.recipe.Name, err)
+		}
+		im.pref = b.host + "/" + im.recipe.Name + "-prefetch:v1"
+	}
+	return nil
+}
+
+// linkCheck measures what one small range request to the registry costs
+// over the shaped link (median of 20, each on a new connection as a cold
+// fetcher's first would be, and 20 more on one kept-alive connection), and
+// the rate of one large read: the figures a lazy pull's on-demand reads
+// are made of.
+func (b *bench) linkCheck(ctx context.Context) (string, error) {
+	im := b.images[0]
+	var big LayerInfo
+	for _, l := range im.built.Layers {
+		if l.Size > big.Size {
+			big = l
+		}
+	}
+	u := "http://" + b.host + "/v2/" + im.recipe.Name + "/blobs/" + big.Digest.String()
+	get := func(c *http.Client, rng string) (time.Duration, int64, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return 0, 0, err
+		}
+		if rng != "" {
+			req.Header.Set("Range", rng)
+		}
+		t0 := time.Now()
+		resp, err := c.Do(req)
+		if err != nil {
+			return 0, 0, fmt.Errorf("link check: %w", err)
+		}
+		n, err := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode >= 300 {
+			return 0, 0, fmt.Errorf("link check: GET %s: %s, %v", u, resp.Status, err)
+		}
+		return time.Since(t0), n, nil
+	}
+	fresh := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}
+	kept := &http.Client{Transport: &http.Transport{}, Timeout: 30 * time.Second}
+	var cold, warm []time.Duration
+	for i := 0; i < 20; i++ {
+		rng := fmt.Sprintf("bytes=%d-%d", int64(i)*65536, int64(i)*65536+4095)
+		d, _, err := get(fresh, rng)
+		if err != nil {
+			return "", err
+		}
+		cold = append(cold, d)
+		if d, _, err = get(kept, rng); err != nil {
+			return "", err
+		}
+		warm = append(warm, d)
+	}
+	size := min(big.Size, 64<<20)
+	d, n, err := get(kept, fmt.Sprintf("bytes=0-%d", size-1))
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("Link check: a 4 KiB range request to the registry takes %s on a new connection, %s on a kept-alive one (medians of 20); a %s read runs at %.0f Mbit/s.",
+		FmtDuration(seconds(SummarizeDurations(cold).Median)), FmtDuration(seconds(SummarizeDurations(warm).Median)),
+		FmtBytes(n), float64(n)*8/d.Seconds()/1e6), nil
+}

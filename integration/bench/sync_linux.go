@@ -1,0 +1,5 @@
+package bench
+
+import "golang.org/x/sys/unix"
+
+func unixSync() { unix.Sync() }

@@ -1,0 +1,183 @@
+// Command bench is the readiness benchmark (`make bench-readiness`, and
+// `make bench-quick` for a two-minute proof that it works): time from
+// kubelet's PullImage call to the first 200 of the readiness probe, with
+// containerd's full pull against Streamer, over a shaped registry link.
+// Everything it starts (network namespace, registry, containerd,
+// snapshotter, mounts) is removed at the end, on failure and on Ctrl-C.
+// Results go to a results directory as markdown, JSON and SVG charts.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/streamer-dev/streamer/config"
+	"github.com/streamer-dev/streamer/integration/bench"
+	"github.com/streamer-dev/streamer/integration/harness"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "delay-proxy" {
+		os.Exit(delayProxy(os.Args[2:]))
+	}
+	r := &harness.Runner{Log: func(msg string) { fmt.Fprintln(os.Stderr, "    "+strings.ReplaceAll(msg, "\n", "\n    ")) }}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	var interrupted atomic.Bool
+	go func() {
+		s := <-sigs
+		interrupted.Store(true)
+		fmt.Fprintf(os.Stderr, "\n%s: stopping and removing everything\n", s)
+		r.RunCleanups()
+		fmt.Fprintln(os.Stderr, "bench interrupted; everything stopped and removed")
+		os.Exit(130)
+	}()
+	err := r.Run(func() error { return run(r) })
+	if interrupted.Load() {
+		select {} // the signal handler finishes the cleanup and exits
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "bench FAILED: %v\n(everything it started was stopped and removed)\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(r *harness.Runner) error {
+	home, _ := os.UserHomeDir()
+	var (
+		quick     = flag.Bool("quick", false, "one small busybox image (no debootstrap), 2 runs, 2 pods, same-region: proves the harness works in a few minutes")
+		images    = flag.String("images", "python,java,node,data", "images to measure, comma-separated: python, java, node, data")
+		profile   = flag.String("profile", "same-region", "link profile: same-region (1 Gbit/s, 1 ms) or cross-region (200 Mbit/s, 40 ms)")
+		runs      = flag.Int("runs", 5, "cold runs per cell")
+		pods      = flag.Int("pods", 5, "pods of one image started at once in the scale scenario (0 or 1 skips it)")
+		mix       = flag.Bool("mix", true, "also start three different images at once (the first three of -images)")
+		modes     = flag.String("modes", "full,lazy,prefetch", "modes: full (overlayfs pull), lazy (Streamer), prefetch (Streamer with a prefetch list)")
+		dataSize  = flag.String("data-size", "2GiB", "size of the data image's unread files")
+		cache     = flag.String("cache", filepath.Join(home, ".cache", "streamer", "bench"), "cache of built images, the Debian base and the registry storage")
+		out       = flag.String("out", "", "results directory (default <cache>/results/<UTC time>)")
+		linkID    = flag.Int("link-id", os.Getpid()%16000, "picks the network namespace name and the /30 in 10.250.0.0/16")
+		buildOnly = flag.Bool("build-only", false, "build (or find cached) the images and exit")
+	)
+	flag.Parse()
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if *quick {
+		if !set["runs"] {
+			*runs = 2
+		}
+		if !set["pods"] {
+			*pods = 2
+		}
+		if !set["profile"] {
+			*profile = "same-region"
+		}
+	}
+	p, ok := bench.Profiles[*profile]
+	if !ok {
+		return fmt.Errorf("-profile %q: want same-region or cross-region", *profile)
+	}
+	if *runs < 1 {
+		return fmt.Errorf("-runs %d: want at least 1", *runs)
+	}
+	size, err := config.ParseSize(*dataSize)
+	if err != nil {
+		return fmt.Errorf("-data-size: %w", err)
+	}
+	var recipes []bench.Recipe
+	needDebootstrap := false
+	if *quick {
+		recipes = []bench.Recipe{bench.QuickRecipe()}
+	} else {
+		all := bench.Recipes(int64(size))
+		for _, name := range strings.Split(*images, ",") {
+			rc, ok := all[strings.TrimSpace(name)]
+			if !ok {
+				return fmt.Errorf("-images: unknown image %q (python, java, node, data)", name)
+			}
+			recipes = append(recipes, rc)
+			needDebootstrap = needDebootstrap || rc.Debian != nil
+		}
+	}
+	var ms []bench.Mode
+	for _, m := range strings.Split(*modes, ",") {
+		switch strings.TrimSpace(m) {
+		case "full":
+			ms = append(ms, bench.ModeFull)
+		case "lazy":
+			ms = append(ms, bench.ModeLazy)
+		case "prefetch":
+			ms = append(ms, bench.ModePrefetch)
+		default:
+			return fmt.Errorf("-modes: unknown mode %q (full, lazy, prefetch)", m)
+		}
+	}
+	if err := bench.Preflight(needDebootstrap); err != nil {
+		return err
+	}
+	if *buildOnly {
+		b := &bench.Builder{CacheDir: *cache, Logf: func(format string, args ...any) { fmt.Printf(format+"\n", args...) }}
+		for _, rc := range recipes {
+			if _, err := b.Build(context.Background(), rc); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find own executable (the delay proxy runs it): %w", err)
+	}
+	if *out == "" {
+		*out = filepath.Join(*cache, "results", time.Now().UTC().Format("20060102-150405"))
+	}
+	start := time.Now()
+	logf := func(format string, args ...any) {
+		fmt.Printf("[%6.1fs] %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour)
+	defer cancel()
+	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
+		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
+		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID,
+		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
+	})
+	if rep != nil && len(rep.Cells) > 0 {
+		files, werr := bench.WriteResults(*out, rep)
+		if werr != nil {
+			return werr
+		}
+		fmt.Println()
+		fmt.Print(rep.Markdown())
+		fmt.Printf("\nresults: %s\n", strings.Join(files, ", "))
+	}
+	if err != nil {
+		return err
+	}
+	logf("bench done in %v", time.Since(start).Round(time.Second))
+	return nil
+}
+
+// delayProxy is the hidden subcommand the benchmark runs inside the
+// registry's network namespace.
+func delayProxy(args []string) int {
+	fs := flag.NewFlagSet("delay-proxy", flag.ExitOnError)
+	listen := fs.String("listen", "", "address to listen on")
+	upstream := fs.String("upstream", "", "address to forward to")
+	delay := fs.Duration("delay", 0, "delay added in each direction")
+	_ = fs.Parse(args)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := bench.ListenAndServeDelay(ctx, *listen, bench.DelayProxy{Upstream: *upstream, OneWay: *delay}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}

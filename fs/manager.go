@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"time"
 
@@ -96,17 +97,19 @@ type Manager struct {
 	profiles profiles
 
 	mu          sync.Mutex
-	artifacts   map[digest.Digest]lookup // by image manifest digest
-	mounts      map[string]*layerMount   // by mountpoint
+	artifacts   map[digest.Digest]lookup  // by image manifest digest
+	mounts      map[string]*layerMount    // by mountpoint
+	decisions   map[string]*ImageDecision // by image reference
 	layers      map[digest.Digest]*layerState
 	mountsTotal int64
 	fallbacks   int64
 }
 
 type lookup struct {
-	m   *artifact.Manifest
-	err error
-	at  time.Time
+	m    *artifact.Manifest
+	desc ocispec.Descriptor // the artifact manifest
+	err  error
+	at   time.Time
 }
 
 type layerMount struct {
@@ -174,6 +177,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		}),
 		artifacts: map[digest.Digest]lookup{},
 		mounts:    map[string]*layerMount{},
+		decisions: map[string]*ImageDecision{},
 		layers:    map[digest.Digest]*layerState{},
 	}, nil
 }
@@ -194,6 +198,7 @@ func (m *Manager) Mount(ctx context.Context, mountpoint string, labels map[strin
 	err := m.mount(ctx, mountpoint, labels)
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.decide(labels, err)
 	if err != nil {
 		if errors.Is(err, ErrNotStreamable) {
 			m.fallbacks++
@@ -367,8 +372,8 @@ func (m *Manager) findArtifact(ctx context.Context, ref fetcher.Ref, manifest di
 		return l.m, l.err
 	}
 	v, _, _ := m.lookups.Do(manifest.String(), func() (any, error) {
-		art, _, err := m.opts.Registry.FindArtifact(ctx, ref, ocispec.Descriptor{Digest: manifest})
-		l := lookup{m: art, at: time.Now()}
+		art, desc, err := m.opts.Registry.FindArtifact(ctx, ref, ocispec.Descriptor{Digest: manifest})
+		l := lookup{m: art, desc: desc, at: time.Now()}
 		if err != nil {
 			l.err = fmt.Errorf("%w: find artifact of %s: %v", ErrNotStreamable, manifest, err)
 			log.WithError(err).WithField("op", "lookup").Info("no streaming artifact; layers of this image are pulled normally")
@@ -380,6 +385,55 @@ func (m *Manager) findArtifact(ctx context.Context, ref fetcher.Ref, manifest di
 	})
 	l = v.(lookup)
 	return l.m, l.err
+}
+
+// ImageDecision says whether an image's layers were streamed and why not.
+type ImageDecision struct {
+	Image          string    `json:"image"`
+	Manifest       string    `json:"manifest,omitempty"`
+	StreamedLayers int       `json:"streamedLayers"`
+	PulledLayers   int       `json:"pulledLayers"` // left to a normal pull
+	Reason         string    `json:"reason"`       // of the latest decision
+	Updated        time.Time `json:"updated"`
+}
+
+// decide records the outcome of mounting a layer of an image; m.mu is held.
+func (m *Manager) decide(labels map[string]string, err error) {
+	image := labels[LabelImageRef]
+	if image == "" {
+		return
+	}
+	d, ok := m.decisions[image]
+	if !ok {
+		d = &ImageDecision{Image: image}
+		m.decisions[image] = d
+	}
+	d.Manifest = labels[LabelManifestDigest]
+	d.Updated = time.Now()
+	if err != nil {
+		d.PulledLayers++
+		d.Reason = "pulled normally: " + err.Error()
+		return
+	}
+	d.StreamedLayers++
+	d.Reason = "streaming artifact found"
+	if dg, perr := digest.Parse(labels[LabelManifestDigest]); perr == nil {
+		if l, ok := m.artifacts[dg]; ok && l.desc.Digest != "" {
+			d.Reason = "streaming artifact " + l.desc.Digest.String() + " found"
+		}
+	}
+}
+
+// Decisions returns, per image, whether its layers were streamed and why.
+func (m *Manager) Decisions() []ImageDecision {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]ImageDecision, 0, len(m.decisions))
+	for _, d := range m.decisions {
+		out = append(out, *d)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Image < out[j].Image })
+	return out
 }
 
 // Check reports whether the layer mounted at mountpoint still answers.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -315,6 +316,11 @@ func TestManagerFallsBackWithoutArtifact(t *testing.T) {
 	if s := m.Stats(); s.Fallbacks != 3 || s.MountsTotal != 0 {
 		t.Errorf("stats = %+v; want 3 fallbacks, 0 mounts", s)
 	}
+	ds := m.Decisions()
+	if len(ds) != 1 || ds[0].Image != img.ref || ds[0].PulledLayers != 2 || ds[0].StreamedLayers != 0 ||
+		!strings.Contains(ds[0].Reason, "pulled normally") || !strings.Contains(ds[0].Reason, "no streaming artifact") {
+		t.Errorf("decisions = %+v; want image %s pulled twice, with the reason", ds, img.ref)
+	}
 }
 
 func tocOf(t *testing.T, e *managerEnv, layer digest.Digest) *artifact.TOC {
@@ -449,4 +455,8 @@ func TestManagerBindsTOCToImage(t *testing.T) {
 	}
 	// The right chain id mounts (labels() carries it).
 	managerMount(t, m, img.labels())
+	ds := m.Decisions()
+	if len(ds) != 1 || ds[0].StreamedLayers != 1 || ds[0].PulledLayers != 2 || !strings.HasPrefix(ds[0].Reason, "streaming artifact sha256:") {
+		t.Errorf("decisions = %+v; want 2 refused then 1 streamed, naming the artifact", ds)
+	}
 }

@@ -182,6 +182,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 // StatusResponse is the body of GET /status.
 type StatusResponse struct {
 	Layers []fs.LayerStatus `json:"layers"`
+	// Images says, per image seen, whether its layers were streamed and
+	// why not.
+	Images []fs.ImageDecision `json:"images"`
 }
 
 // statusEndpoint serves GET /status: the state of every mounted layer, as
@@ -205,7 +208,7 @@ func (e *statusEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "layer manager not running", http.StatusServiceUnavailable)
 		return
 	}
-	resp := StatusResponse{Layers: mgr.Status()}
+	resp := StatusResponse{Layers: mgr.Status(), Images: mgr.Decisions()}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -14,16 +14,18 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/streamer-dev/streamer/fetcher"
 	"github.com/streamer-dev/streamer/fs"
 )
 
 // nodeStatus is the body of streamer-snapshotter's GET /status.
 type nodeStatus struct {
-	Layers []fs.LayerStatus `json:"layers"`
+	Layers []fs.LayerStatus   `json:"layers"`
+	Images []fs.ImageDecision `json:"images"`
 }
 
 func newStatusCmd() *cobra.Command {
-	var address, output string
+	var address, output, image string
 	var timeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "status --address SOCKET_OR_URL",
@@ -49,6 +51,9 @@ or an http:// URL.`,
 			if err != nil {
 				return err
 			}
+			if image != "" {
+				return printImageDecision(cmd.OutOrStdout(), st, image, output)
+			}
 			if output == "json" {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -61,6 +66,7 @@ or an http:// URL.`,
 	f.StringVar(&address, "address", "", "the daemon's metrics_address: unix socket `PATH`, host:port or http:// URL")
 	f.StringVarP(&output, "output", "o", "text", "output `FORMAT`: text or json")
 	f.DurationVar(&timeout, "timeout", 10*time.Second, "time limit of the request")
+	f.StringVar(&image, "image", "", "show only why `IMAGE` (as the node pulled it) was streamed or not")
 	return cmd
 }
 
@@ -98,6 +104,24 @@ func fetchNodeStatus(ctx context.Context, address string) (*nodeStatus, error) {
 		return nil, fmt.Errorf("decode status from %s: %w", address, err)
 	}
 	return &st, nil
+}
+
+// printImageDecision prints whether the node streamed image, and why not.
+func printImageDecision(w io.Writer, st *nodeStatus, image, output string) error {
+	for _, d := range st.Images {
+		if d.Image != image {
+			continue
+		}
+		if output == "json" {
+			enc := json.NewEncoder(w)
+			enc.SetIndent("", "  ")
+			return enc.Encode(d)
+		}
+		fmt.Fprintf(w, "Image:    %s\nManifest: %s\nStreamed: %d layers\nPulled:   %d layers\nReason:   %s\n",
+			d.Image, d.Manifest, d.StreamedLayers, d.PulledLayers, d.Reason)
+		return nil
+	}
+	return fmt.Errorf("image %s: %w: the node has not pulled it through streamer-snapshotter since the daemon started", image, fetcher.ErrNotFound)
 }
 
 func printNodeStatus(w io.Writer, st *nodeStatus) error {

@@ -28,6 +28,9 @@ type startupProfile struct {
 // errNoProfile: the snapshotter has recorded nothing for the image.
 var errNoProfile = errors.New("no startup profile recorded")
 
+// errNotAtDaemon: the snapshotter answered 404 for what was asked.
+var errNotAtDaemon = errors.New("not found at the snapshotter")
+
 func newProfileCmd() *cobra.Command {
 	var address, image, output string
 	var timeout time.Duration
@@ -76,7 +79,7 @@ prints one absolute path per line, the format create --prefetch-list reads:
 
 // nodeRequest sends method pathQuery to the daemon at address (a unix
 // socket path, host:port or http(s):// URL) and returns the body of a 2xx
-// answer. A 404 wraps errNoProfile.
+// answer. A 404 wraps errNotAtDaemon.
 func nodeRequest(ctx context.Context, method, address, pathQuery string) ([]byte, error) {
 	client := &http.Client{}
 	base := strings.TrimSuffix(address, "/")
@@ -109,7 +112,7 @@ func nodeRequest(ctx context.Context, method, address, pathQuery string) ([]byte
 	case resp.StatusCode/100 == 2:
 		return b, nil
 	case resp.StatusCode == http.StatusNotFound:
-		return nil, fmt.Errorf("%w: %s", errNoProfile, strings.TrimSpace(string(b)))
+		return nil, fmt.Errorf("%w: %s", errNotAtDaemon, strings.TrimSpace(string(b)))
 	}
 	return nil, fmt.Errorf("%s %s from %s: %s: %s", method, pathQuery, address, resp.Status, strings.TrimSpace(string(b)))
 }
@@ -117,6 +120,9 @@ func nodeRequest(ctx context.Context, method, address, pathQuery string) ([]byte
 // fetchProfile gets the startup profile of image from the daemon at address.
 func fetchProfile(ctx context.Context, address, image string) (*startupProfile, error) {
 	b, err := nodeRequest(ctx, http.MethodGet, address, "/profile?image="+url.QueryEscape(image))
+	if errors.Is(err, errNotAtDaemon) {
+		err = fmt.Errorf("%w: %w", errNoProfile, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("startup profile of %s: %w", image, err)
 	}

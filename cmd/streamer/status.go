@@ -5,10 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"path/filepath"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -72,35 +69,12 @@ or an http:// URL.`,
 
 // fetchNodeStatus gets /status from the daemon at address.
 func fetchNodeStatus(ctx context.Context, address string) (*nodeStatus, error) {
-	client := &http.Client{}
-	url := strings.TrimSuffix(address, "/") + "/status"
-	switch {
-	case filepath.IsAbs(address):
-		sock := address
-		client.Transport = &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		}}
-		url = "http://streamer-snapshotter/status"
-	case strings.HasPrefix(address, "http://") || strings.HasPrefix(address, "https://"):
-	default:
-		url = "http://" + url
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	b, err := nodeRequest(ctx, http.MethodGet, address, "/status")
 	if err != nil {
-		return nil, usageError{fmt.Errorf("--address %q: %w", address, err)}
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("get status from %s: %w", address, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, fmt.Errorf("get status from %s: %s: %s", address, resp.Status, strings.TrimSpace(string(b)))
+		return nil, fmt.Errorf("get status: %w", err)
 	}
 	var st nodeStatus
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&st); err != nil {
+	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("decode status from %s: %w", address, err)
 	}
 	return &st, nil

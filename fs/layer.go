@@ -74,6 +74,9 @@ type Options struct {
 	FSName string
 	// Debug logs every FUSE request.
 	Debug bool
+	// Holder keeps the mount's /dev/fuse descriptor across restarts of
+	// the daemon. Default: the one set by SetDefaultHolder, if any.
+	Holder Holder
 }
 
 func (o Options) withDefaults(toc *artifact.TOC) Options {
@@ -163,6 +166,7 @@ type tnode struct {
 	whiteout bool
 	opaque   bool
 	children map[string]*tnode // directories only
+	names    []string          // sorted children names, set by newRawFS
 	nlink    uint32
 }
 

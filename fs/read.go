@@ -17,14 +17,20 @@ import (
 // they lie in. Errors become EIO here, at the FUSE edge (EINTR when the
 // kernel interrupted the request).
 func (l *layer) read(ctx context.Context, f *fileNode, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	return l.readFile(ctx, f.offset, f.size, f.name, dest, off)
+}
+
+// readFile serves bytes [off, off+len(dest)) of the file whose data lies at
+// tar offset offset and has size bytes; name is for logs.
+func (l *layer) readFile(ctx context.Context, offset, size int64, name string, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	if off < 0 {
 		return nil, syscall.EINVAL
 	}
-	if off >= f.size || len(dest) == 0 {
+	if off >= size || len(dest) == 0 {
 		return fuse.ReadResultData(nil), 0
 	}
-	n := min(int64(len(dest)), f.size-off)
-	data, first, err := l.readRange(ctx, f.offset+off, n, dest)
+	n := min(int64(len(dest)), size-off)
+	data, first, err := l.readRange(ctx, offset+off, n, dest)
 	if err != nil {
 		l.errors.Add(1)
 		errno := syscall.EIO
@@ -32,7 +38,7 @@ func (l *layer) read(ctx context.Context, f *fileNode, dest []byte, off int64) (
 			errno = syscall.EINTR
 		}
 		l.log.WithError(err).WithFields(logrus.Fields{
-			"op": "read", "file": f.name, "offset": off, "size": n, "chunk": first,
+			"op": "read", "file": name, "offset": off, "size": n, "chunk": first,
 		}).Warn("read failed")
 		return nil, errno
 	}

@@ -135,8 +135,11 @@ func (s *snapshotter) restore(ctx context.Context) error {
 		g.Go(func() error {
 			mp := s.upper(r.id)
 			lg := s.logger.WithFields(layerFields(r.labels)).WithField("snapshot", r.name)
-			// A mount left by a crashed run is dead: clear it first.
-			if err := s.unmount(ctx, mp); err != nil {
+			// A mount left by a crashed run is dead: clear it first,
+			// unless the FileSystem can take it over alive.
+			if s.keep(mp) {
+				lg.Debug("remote snapshot still mounted; taking it over")
+			} else if err := s.unmount(ctx, mp); err != nil {
 				lg.WithError(err).Error("failed to clear stale mount of remote snapshot")
 				return nil
 			}

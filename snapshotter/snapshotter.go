@@ -55,6 +55,21 @@ type Forgetter interface {
 	Forget(ctx context.Context, labels map[string]string) error
 }
 
+// Keeper is implemented by a FileSystem whose mounts can outlive the
+// daemon (a descriptor holder keeps their FUSE connections, see
+// docs/restart.md). Keep reports whether the mount at mountpoint is to be
+// left in place: at start, a live mount that Mount will take over instead
+// of mounting again; at Close, a mount handed over to the next daemon.
+type Keeper interface {
+	Keep(mountpoint string) bool
+}
+
+// keep reports whether the FileSystem wants the mount at mp left alone.
+func (s *snapshotter) keep(mp string) bool {
+	k, ok := s.fs.(Keeper)
+	return ok && k.Keep(mp)
+}
+
 // ErrNotStreamable is wrapped by FileSystem.Mount when the layer cannot be
 // mounted remotely (no streaming artifact, or the lookup failed): the
 // snapshotter then falls back to an ordinary snapshot.
@@ -393,6 +408,11 @@ func (s *snapshotter) Close() error {
 	ctx := log.WithLogger(context.Background(), s.logger)
 	var errs []error
 	for _, id := range ids {
+		if s.keep(s.upper(id)) {
+			// Handed over: the FileSystem stopped serving it (when it
+			// closes) and the next daemon takes it over.
+			continue
+		}
 		if err := s.unmount(ctx, s.upper(id)); err != nil {
 			errs = append(errs, err)
 		}

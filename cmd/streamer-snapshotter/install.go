@@ -590,7 +590,7 @@ Restart=always
 RestartSec=1
 # SIGTERM goes to the daemon alone so it can unmount its layers; whatever
 # is left in the cgroup after TimeoutStopSec is killed.
-KillMode=mixed
+KillMode=process
 TimeoutStopSec=30
 # Each mounted layer holds file descriptors; many images, many layers.
 LimitNOFILE=1048576

@@ -179,7 +179,7 @@ func TestInstallThenUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"Before=containerd.service", "ExecStart=/usr/local/bin/streamer-snapshotter --config " + n.config, "Restart=always", "KillMode=mixed", "WantedBy=multi-user.target"} {
+	for _, want := range []string{"Before=containerd.service", "ExecStart=/usr/local/bin/streamer-snapshotter --config " + n.config, "Restart=always", "KillMode=process", "WantedBy=multi-user.target"} {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("unit lacks %q:\n%s", want, unit)
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/sirupsen/logrus"
 	"github.com/streamer-dev/streamer/config"
+	"github.com/streamer-dev/streamer/fs"
 	"github.com/streamer-dev/streamer/snapshotter"
 )
 
@@ -45,6 +46,7 @@ func run() error {
 	logLevel := flag.String("log-level", "", "overrides the config's log_level")
 	printDefault := flag.Bool("print-default-config", false, "print the default config, documented, and exit")
 	showVersion := flag.Bool("version", false, "print the version and exit")
+	fdHolder := flag.Bool("fd-holder", true, "keep FUSE mounts alive across restarts of the daemon with a descriptor holder process (docs/restart.md)")
 	flag.Parse()
 	if *showVersion {
 		fmt.Println("streamer-snapshotter", version)
@@ -97,6 +99,14 @@ func run() error {
 		return err
 	}
 	defer l.Close() // removes the socket file
+	if *fdHolder {
+		closeHolder, err := startFDHolder(cfg.Root)
+		if err != nil {
+			logger.WithError(err).Warn("no descriptor holder: layer mounts will not survive a restart of the daemon")
+		} else {
+			defer closeHolder()
+		}
+	}
 	fsys, closeFS, err := newFileSystem(ctx, &cfg)
 	if err != nil {
 		return fmt.Errorf("set up remote filesystem: %w", err)
@@ -128,6 +138,9 @@ func run() error {
 	}
 	serving.Store(false)
 	logger.Info("shutting down")
+	if *fdHolder {
+		fs.HandOver() // held layer mounts stay, for the next daemon
+	}
 	timer := time.AfterFunc(10*time.Second, srv.Stop) // bound the wait for slow clients
 	defer timer.Stop()
 	srv.GracefulStop()

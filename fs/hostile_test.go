@@ -4,7 +4,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,81 +14,12 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
-	"github.com/opencontainers/image-spec/specs-go"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/streamer-dev/streamer/artifact"
 	"github.com/streamer-dev/streamer/fetcher"
 	stfs "github.com/streamer-dev/streamer/fs"
 	"github.com/streamer-dev/streamer/internal/testenv"
 )
-
-// pushCrafted pushes a one-layer image made of imageTar and a streaming
-// artifact for it whose blob is converted from artTar and whose TOC blob is
-// what craft returns (nil craft: the honest TOC). It is how an attacker
-// with push rights to the repository, but not to the image, would attack.
-func pushCrafted(t *testing.T, c *fetcher.Client, host, repo string, imageTar, artTar []byte, craft func(l *testLayer, layer digest.Digest) []byte) streamedImage {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	ref, err := fetcher.ParseRef(host + "/" + repo + ":v1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	push := func(mt string, b []byte) ocispec.Descriptor {
-		d := ocispec.Descriptor{MediaType: mt, Digest: digest.FromBytes(b), Size: int64(len(b))}
-		if err := c.PushBlob(ctx, ref, d, bytes.NewReader(b)); err != nil {
-			t.Fatalf("push blob: %v", err)
-		}
-		return d
-	}
-	layerDesc := push(ocispec.MediaTypeImageLayer, imageTar)
-	cfg, _ := json.Marshal(ocispec.Image{
-		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
-		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{layerDesc.Digest}},
-	})
-	cfgDesc := push(ocispec.MediaTypeImageConfig, cfg)
-	mb, _ := json.Marshal(ocispec.Manifest{
-		Versioned: specs.Versioned{SchemaVersion: 2},
-		MediaType: ocispec.MediaTypeImageManifest,
-		Config:    cfgDesc,
-		Layers:    []ocispec.Descriptor{layerDesc},
-	})
-	subject, err := c.PushManifest(ctx, ref, ocispec.MediaTypeImageManifest, mb, "v1")
-	if err != nil {
-		t.Fatalf("push manifest: %v", err)
-	}
-	l := buildLayer(t, artTar, artifact.MinChunkSize)
-	l.toc.Layer = layerDesc.Digest
-	var tb []byte
-	if craft != nil {
-		tb = craft(l, layerDesc.Digest)
-	} else {
-		if tb, _, err = l.toc.Marshal(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	blobDesc := push(artifact.MediaTypeStreamingLayer, l.blob)
-	tocDesc := push(artifact.MediaTypeTOC, tb)
-	push(artifact.MediaTypeConfig, artifact.EmptyConfigBytes)
-	am, err := artifact.BuildManifest(subject, []artifact.Layer{{
-		Original: layerDesc.Digest,
-		DiffID:   layerDesc.Digest,
-		Blob:     artifact.Descriptor{MediaType: artifact.MediaTypeStreamingLayer, Digest: blobDesc.Digest, Size: blobDesc.Size},
-		TOC:      artifact.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDesc.Digest, Size: tocDesc.Size},
-	}}, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ad, err := c.PushManifest(ctx, ref, ocispec.MediaTypeImageManifest, am, "")
-	if err != nil {
-		t.Fatalf("push artifact: %v", err)
-	}
-	if err := c.AddReferrer(ctx, ref, subject, ad); err != nil {
-		t.Fatalf("add referrer: %v", err)
-	}
-	return streamedImage{ref: ref.String(), manifest: subject.Digest, layer: layerDesc.Digest, tar: imageTar}
-}
 
 // marshalTOC encodes a TOC as the converter would, without validating it.
 func marshalTOC(t *testing.T, toc *artifact.TOC) []byte {

@@ -42,6 +42,26 @@ func pushStreamedImage(t *testing.T, c *fetcher.Client, host, repo string, tarBy
 // layer's TOC before it is pushed.
 func pushStreamedImageTOC(t *testing.T, c *fetcher.Client, host, repo string, tarBytes []byte, withArtifact bool, alter func(*artifact.TOC)) streamedImage {
 	t.Helper()
+	if !withArtifact {
+		return pushCrafted(t, c, host, repo, tarBytes, nil, nil)
+	}
+	var craft func(l *testLayer, layer digest.Digest) []byte
+	if alter != nil {
+		craft = func(l *testLayer, layer digest.Digest) []byte {
+			alter(l.toc)
+			return marshalTOC(t, l.toc)
+		}
+	}
+	return pushCrafted(t, c, host, repo, tarBytes, tarBytes, craft)
+}
+
+// pushCrafted pushes a one-layer image made of imageTar and, unless artTar
+// is nil, a streaming artifact for it whose blob is converted from artTar
+// and whose TOC blob is what craft returns (nil craft: the honest TOC).
+// With artTar other than imageTar it is how an attacker with push rights
+// to the repository, but not to the image, would attack.
+func pushCrafted(t *testing.T, c *fetcher.Client, host, repo string, imageTar, artTar []byte, craft func(l *testLayer, layer digest.Digest) []byte) streamedImage {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	ref, err := fetcher.ParseRef(host + "/" + repo + ":v1")
@@ -55,7 +75,7 @@ func pushStreamedImageTOC(t *testing.T, c *fetcher.Client, host, repo string, ta
 		}
 		return d
 	}
-	layerDesc := push(ocispec.MediaTypeImageLayer, tarBytes)
+	layerDesc := push(ocispec.MediaTypeImageLayer, imageTar)
 	cfg, _ := json.Marshal(ocispec.Image{
 		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
 		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{layerDesc.Digest}},
@@ -71,27 +91,28 @@ func pushStreamedImageTOC(t *testing.T, c *fetcher.Client, host, repo string, ta
 	if err != nil {
 		t.Fatalf("push manifest: %v", err)
 	}
-	img := streamedImage{ref: ref.String(), manifest: subject.Digest, layer: layerDesc.Digest, tar: tarBytes}
-	if !withArtifact {
+	img := streamedImage{ref: ref.String(), manifest: subject.Digest, layer: layerDesc.Digest, tar: imageTar}
+	if artTar == nil {
 		return img
 	}
-	l := buildLayer(t, tarBytes, artifact.MinChunkSize)
+	l := buildLayer(t, artTar, artifact.MinChunkSize)
 	l.toc.Layer = layerDesc.Digest
-	if alter != nil {
-		alter(l.toc)
-	}
-	tb, tocDigest, err := l.toc.Marshal()
-	if err != nil {
-		t.Fatal(err)
+	var tb []byte
+	if craft != nil {
+		tb = craft(l, layerDesc.Digest)
+	} else {
+		if tb, _, err = l.toc.Marshal(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	blobDesc := push(artifact.MediaTypeStreamingLayer, l.blob)
-	push(artifact.MediaTypeTOC, tb)
+	tocDesc := push(artifact.MediaTypeTOC, tb)
 	push(artifact.MediaTypeConfig, artifact.EmptyConfigBytes)
 	am, err := artifact.BuildManifest(subject, []artifact.Layer{{
 		Original: layerDesc.Digest,
 		DiffID:   layerDesc.Digest,
 		Blob:     artifact.Descriptor{MediaType: artifact.MediaTypeStreamingLayer, Digest: blobDesc.Digest, Size: blobDesc.Size},
-		TOC:      artifact.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDigest, Size: int64(len(tb))},
+		TOC:      artifact.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDesc.Digest, Size: tocDesc.Size},
 	}}, time.Now())
 	if err != nil {
 		t.Fatal(err)

@@ -206,20 +206,7 @@ func (b *bench) startRegistry(ctx context.Context) error {
 	}
 	b.regHost = b.link.NSIP + ":5001"
 	b.host = b.link.NSIP + ":5000"
-	cfg := fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
-    enabled: true
-http:
-  addr: %s
-  secret: bench-secret
-`, storage, b.regHost)
+	cfg := harness.RegistryConfig(storage, b.regHost)
 	cfgPath := filepath.Join(b.dir, "registry.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return err

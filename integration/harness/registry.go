@@ -44,20 +44,7 @@ func StartRegistry(t TB, dir string) *Registry {
 			t.Fatalf("%v", err)
 		}
 		r := &Registry{Host: fmt.Sprintf("127.0.0.1:%d", port), Root: filepath.Join(dir, "storage")}
-		cfg := fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
-    enabled: true
-http:
-  addr: %s
-  secret: harness-secret
-`, r.Root, r.Host)
+		cfg := RegistryConfig(r.Root, r.Host)
 		cfgPath := filepath.Join(dir, "config.yml")
 		if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 			t.Fatalf("write registry config: %v", err)
@@ -287,4 +274,24 @@ func Tags(root, repo string) []string {
 		out = append(out, e.Name())
 	}
 	return out
+}
+
+// RegistryConfig is the distribution registry configuration every
+// registry of the harness and the benchmark runs with: storage under root
+// (deletes allowed), listening on addr, quiet logs.
+func RegistryConfig(root, addr string) string {
+	return fmt.Sprintf(`version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: %s
+  secret: streamer-test-secret
+`, root, addr)
 }

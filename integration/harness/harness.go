@@ -7,7 +7,11 @@ package harness
 import (
 	"fmt"
 	"os"
+	"os/signal"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 )
 
 // TB is the part of *testing.T the harness needs. Fatalf must not return.
@@ -128,4 +132,27 @@ func (r *Runner) RunCleanups() {
 			f()
 		}()
 	}
+}
+
+// RunProgram runs fn as a program's main does: with a Runner logging to
+// standard error, and SIGINT or SIGTERM stopping it, removing everything
+// it started and exiting with 130. It returns fn's error once cleanup is done.
+func RunProgram(name string, fn func(r *Runner) error) error {
+	r := &Runner{Log: func(msg string) { fmt.Fprintln(os.Stderr, "    "+strings.ReplaceAll(msg, "\n", "\n    ")) }}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	var interrupted atomic.Bool
+	go func() {
+		s := <-sigs
+		interrupted.Store(true)
+		fmt.Fprintf(os.Stderr, "\n%s: stopping and removing everything\n", s)
+		r.RunCleanups()
+		fmt.Fprintf(os.Stderr, "%s interrupted; everything stopped and removed\n", name)
+		os.Exit(130)
+	}()
+	err := r.Run(func() error { return fn(r) })
+	if interrupted.Load() {
+		select {} // the signal handler finishes the cleanup and exits
+	}
+	return err
 }

@@ -15,7 +15,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,22 +27,7 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "delay-proxy" {
 		os.Exit(delayProxy(os.Args[2:]))
 	}
-	r := &harness.Runner{Log: func(msg string) { fmt.Fprintln(os.Stderr, "    "+strings.ReplaceAll(msg, "\n", "\n    ")) }}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	var interrupted atomic.Bool
-	go func() {
-		s := <-sigs
-		interrupted.Store(true)
-		fmt.Fprintf(os.Stderr, "\n%s: stopping and removing everything\n", s)
-		r.RunCleanups()
-		fmt.Fprintln(os.Stderr, "bench interrupted; everything stopped and removed")
-		os.Exit(130)
-	}()
-	err := r.Run(func() error { return run(r) })
-	if interrupted.Load() {
-		select {} // the signal handler finishes the cleanup and exits
-	}
+	err := harness.RunProgram("bench", run)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench FAILED: %v\n(everything it started was stopped and removed)\n", err)
 		os.Exit(1)

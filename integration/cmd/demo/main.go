@@ -10,11 +10,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/streamer-dev/streamer/integration/harness"
@@ -24,23 +21,8 @@ import (
 const bigFile = 64 << 20
 
 func main() {
-	r := &harness.Runner{Log: func(msg string) { fmt.Fprintln(os.Stderr, "    "+strings.ReplaceAll(msg, "\n", "\n    ")) }}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	var interrupted atomic.Bool
-	go func() {
-		s := <-sigs
-		interrupted.Store(true)
-		fmt.Fprintf(os.Stderr, "\n%s: stopping and removing everything\n", s)
-		r.RunCleanups()
-		fmt.Fprintln(os.Stderr, "demo interrupted; everything stopped and removed")
-		os.Exit(130)
-	}()
 	start := time.Now()
-	err := r.Run(func() error { return run(r) })
-	if interrupted.Load() {
-		select {} // the signal handler finishes the cleanup and exits
-	}
+	err := harness.RunProgram("demo", run)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo FAILED: %v\n", err)
 		os.Exit(1)

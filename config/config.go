@@ -47,6 +47,7 @@ type Fetch struct {
 	ReadTimeout Duration `toml:"read_timeout" comment:"Time limit of one read through the filesystem, retries included; past it the read fails with EIO."`
 	Retries     int      `toml:"retries" comment:"Retries of a failed request (network error, 5xx, 429)."`
 	Prefetch    bool     `toml:"prefetch" comment:"Fetch the files of a layer's prefetch list (read at startup) first, as soon as it mounts."`
+	PrefetchGap Size     `toml:"prefetch_gap" comment:"Prefetch merges the chunks of listed files into requests of up to max_coalesce, bridging up to this many bytes of unlisted chunks between them (one round trip costs about the link's rate times its delay in bytes); 0 merges only adjacent chunks."`
 	// Background, BackgroundConcurrency and BackgroundRateLimit shape the
 	// fetch of whole layers after mount, so that the node stops needing
 	// the registry; on-demand reads always go first.
@@ -95,6 +96,7 @@ func DefaultDaemon() Daemon {
 			ReadTimeout: Duration(60 * time.Second),
 			Retries:     3,
 			Prefetch:    true,
+			PrefetchGap: 1 * MiB,
 
 			Background:            true,
 			BackgroundConcurrency: 4,
@@ -202,6 +204,9 @@ func (d Daemon) Validate() error {
 	}
 	if d.Fetch.Retries < 0 {
 		bad("fetch.retries", "must not be negative, got %d", d.Fetch.Retries)
+	}
+	if d.Fetch.PrefetchGap < 0 {
+		bad("fetch.prefetch_gap", "must not be negative, got %d", d.Fetch.PrefetchGap)
 	}
 	if d.Fetch.BackgroundConcurrency < 1 {
 		bad("fetch.background_concurrency", "must be at least 1, got %d", d.Fetch.BackgroundConcurrency)

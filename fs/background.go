@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,9 +25,12 @@ import (
 //     (Concurrency), which background workers never hold, so a read never
 //     queues behind background requests;
 //   - background workers (BackgroundConcurrency per host) pick prefetch runs
-//     of any layer before background runs, and between two runs wait while
-//     on-demand requests are in flight to the same host (preemption between
-//     runs), so background traffic steps aside;
+//     of any layer before background runs (the layer furthest behind in its
+//     list first); prefetch runs are large merged ranges (planPrefetch) and
+//     share the link with on-demand reads, since both serve the startup;
+//   - before each background run, workers wait while on-demand requests are
+//     in flight to the same host (preemption between runs), so background
+//     traffic steps aside;
 //   - background runs are taken round-robin across the host's layers, so
 //     no layer starves.
 //
@@ -194,6 +198,9 @@ type task struct {
 	first, last int
 	why         cause
 	verify      bool
+	// order ranks prefetch runs across layers: the run's place in its
+	// layer's prefetch list, from 0 (first file) to 1.
+	order float64
 }
 
 // work is a background worker's loop.
@@ -226,6 +233,7 @@ func (p *hostPool) next() (*task, <-chan struct{}, time.Duration) {
 	defer p.mu.Unlock()
 	now := time.Now()
 	var wait time.Duration
+	var pick *layerJob
 	for _, j := range p.jobs {
 		if j.stopped || len(j.prefetch) == 0 {
 			continue
@@ -234,8 +242,13 @@ func (p *hostPool) next() (*task, <-chan struct{}, time.Duration) {
 			wait = minPositive(wait, d)
 			continue
 		}
-		t := j.prefetch[0]
-		j.prefetch = j.prefetch[1:]
+		if pick == nil || j.prefetch[0].order < pick.prefetch[0].order {
+			pick = j
+		}
+	}
+	if pick != nil {
+		t := pick.prefetch[0]
+		pick.prefetch = pick.prefetch[1:]
 		p.startLocked(t)
 		return t, nil, 0
 	}
@@ -334,7 +347,11 @@ func (p *hostPool) fetch(ctx context.Context, t *task) error {
 			chunks[k] = cs[i]
 			n += cs[i].CompressedSize
 		}
-		p.yield(ctx)
+		if t.why == causeBackground {
+			// Prefetch runs serve the startup under way: they share the
+			// link with its on-demand reads instead of waiting for them.
+			p.yield(ctx)
+		}
 		if err := p.s.waitRate(ctx, n); err != nil {
 			return err
 		}
@@ -382,59 +399,85 @@ type layerJob struct {
 	passes     int  // completion checks that found chunks missing
 }
 
-// newLayerJob plans the prefetch runs of a layer: the chunks of each
-// prefetch file, in list order, each chunk once.
-func newLayerJob(st *layerState, prefetch, background bool, maxCoalesce int64) *layerJob {
+// newLayerJob plans the prefetch runs of a layer (see planPrefetch).
+func newLayerJob(st *layerState, prefetch, background bool, maxCoalesce, gap int64) *layerJob {
 	j := &layerJob{st: st, toc: st.toc, reader: st.reader, log: st.log, background: background}
 	j.ctx, j.cancel = context.WithCancel(context.Background())
-	if !prefetch {
+	if !prefetch || len(j.toc.Prefetch) == 0 {
 		return j
 	}
-	byName := make(map[string]int, len(j.toc.Entries))
-	for i, e := range j.toc.Entries {
+	runs := planPrefetch(j.toc, maxCoalesce, gap)
+	for _, r := range runs {
+		j.prefetch = append(j.prefetch, &task{job: j, first: r.first, last: r.last, why: causePrefetch,
+			order: float64(r.rank) / float64(len(j.toc.Prefetch))})
+	}
+	return j
+}
+
+// prefetchRun is a run of chunks [first, last) to prefetch; rank is the
+// position in the prefetch list of the earliest file it serves.
+type prefetchRun struct {
+	first, last, rank int
+}
+
+// planPrefetch turns a layer's prefetch list into few, large range
+// requests. A startup reads hundreds of small files one after another;
+// fetched one request per file, that is one round trip per file, which
+// costs more than the bytes over a link of tens of milliseconds. So the
+// chunks of every listed file are taken in blob order and merged into runs
+// of up to maxCoalesce compressed bytes, bridging gaps of up to gap bytes
+// of unlisted chunks (bytes the background fetch would bring anyway; one
+// round trip costs about as much as a bandwidth-delay product of bytes).
+// Runs are then ordered by the earliest listed file each serves, so what
+// the workload reads first arrives first.
+func planPrefetch(toc *artifact.TOC, maxCoalesce, gap int64) []prefetchRun {
+	byName := make(map[string]int, len(toc.Entries))
+	for i, e := range toc.Entries {
 		byName[e.Name] = i
 	}
-	planned := make(map[int]bool)
-	for _, name := range j.toc.Prefetch {
+	rank := map[int]int{} // chunk index -> first list position needing it
+	for pos, name := range toc.Prefetch {
 		i, ok := byName[name]
 		if !ok {
 			continue
 		}
-		e := j.toc.Entries[i]
+		e := toc.Entries[i]
 		if e.Type == artifact.TypeHardlink {
 			if k, ok := byName[e.Linkname]; ok {
-				e = j.toc.Entries[k]
+				e = toc.Entries[k]
 			}
 		}
 		if e.Type != artifact.TypeReg || e.Size == 0 {
 			continue
 		}
-		first, last := j.toc.ChunkRange(e.Offset, e.Size)
-		start := -1
-		var size int64
-		flush := func(end int) {
-			if start >= 0 {
-				j.prefetch = append(j.prefetch, &task{job: j, first: start, last: end, why: causePrefetch})
-			}
-			start, size = -1, 0
-		}
+		first, last := toc.ChunkRange(e.Offset, e.Size)
 		for c := first; c < last; c++ {
-			if planned[c] {
-				flush(c)
+			if _, ok := rank[c]; !ok {
+				rank[c] = pos
+			}
+		}
+	}
+	wanted := make([]int, 0, len(rank))
+	for c := range rank {
+		wanted = append(wanted, c)
+	}
+	slices.Sort(wanted)
+	var runs []prefetchRun
+	end := func(c int) int64 { return toc.Chunks[c].CompressedOffset + toc.Chunks[c].CompressedSize }
+	for _, c := range wanted {
+		if n := len(runs); n > 0 {
+			r := &runs[n-1]
+			start := toc.Chunks[r.first].CompressedOffset
+			if toc.Chunks[c].CompressedOffset-end(r.last-1) <= gap && end(c)-start <= maxCoalesce {
+				r.last = c + 1
+				r.rank = min(r.rank, rank[c])
 				continue
 			}
-			planned[c] = true
-			if start >= 0 && size+j.toc.Chunks[c].CompressedSize > maxCoalesce {
-				flush(c)
-			}
-			if start < 0 {
-				start = c
-			}
-			size += j.toc.Chunks[c].CompressedSize
 		}
-		flush(last)
+		runs = append(runs, prefetchRun{first: c, last: c + 1, rank: rank[c]})
 	}
-	return j
+	slices.SortStableFunc(runs, func(a, b prefetchRun) int { return a.rank - b.rank })
+	return runs
 }
 
 // nextLocked returns the layer's next background task: a run of missing

@@ -108,7 +108,7 @@ func BenchmarkOnDemandLatencyWithBackground(b *testing.B) {
 			if tc.background {
 				st := &layerState{m: m, layer: big.Layer, rec: layerRecord{Ref: ref.String()}, toc: big, log: log, pool: pool}
 				st.reader = reader(bigBlob, &st.stats)
-				job = newLayerJob(st, false, true, 4<<20)
+				job = newLayerJob(st, false, true, 4<<20, 0)
 				pool.add(job)
 				defer job.stop(pool)
 				// Let the background workers get going.

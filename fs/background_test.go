@@ -280,6 +280,45 @@ func TestPrefetchFirstInOrder(t *testing.T) {
 	readAll(t, dir, want)
 }
 
+// TestPrefetchMergesListedFiles: with a prefetch gap, the listed files
+// and the unlisted ones between them come in one request, before the rest.
+func TestPrefetchMergesListedFiles(t *testing.T) {
+	e := newManagerEnv(t)
+	want := files{}
+	for i, c := range "abcdef" {
+		want[fmt.Sprintf("app/%c.bin", c)] = randomBytes(uint64(70+i), 200<<10)
+	}
+	img := pushStreamedImageTOC(t, e.client, e.proxy.Host, "test/prefetchgap", want.tar(t), true, func(toc *artifact.TOC) {
+		toc.Prefetch = []string{"app/e.bin", "app/b.bin", "app/d.bin"}
+	})
+	rec := &recordingRegistry{Client: e.client}
+	m := e.managerWith(t, rec, func(o *fs.ManagerOptions) {
+		o.BackgroundConcurrency = 1
+		o.PrefetchGap = 1 << 20
+	})
+	dir := managerMount(t, m, img.labels())
+	waitStatus(t, m, img.layer, 30*time.Second, "complete", isComplete)
+	toc := tocOf(t, e, img.layer)
+	calls := rec.ranges()
+	b, eb := chunksOf(toc, "app/b.bin"), chunksOf(toc, "app/e.bin")
+	wantOff := b[0].CompressedOffset
+	wantN := eb[len(eb)-1].CompressedOffset + eb[len(eb)-1].CompressedSize - wantOff
+	if len(calls) == 0 || calls[0].off != wantOff || calls[0].n != wantN {
+		t.Fatalf("first request %+v; want b.bin to e.bin in one request [%d, +%d) (requests: %+v)", calls[0], wantOff, wantN, calls)
+	}
+	var total int64
+	for _, c := range calls {
+		total += c.n
+	}
+	if total != toc.BlobSize {
+		t.Errorf("fetched %d bytes in all; want the blob's %d once", total, toc.BlobSize)
+	}
+	if st := m.Stats(); st.PrefetchBytes != wantN {
+		t.Errorf("prefetch bytes %d; want the merged request's %d", st.PrefetchBytes, wantN)
+	}
+	readAll(t, dir, want)
+}
+
 func TestBackgroundDisabledFetchesOnlyWhatIsRead(t *testing.T) {
 	e := newManagerEnv(t)
 	want := files{"app/read.txt": []byte("read me\n"), "app/unread.bin": randomBytes(51, 2<<20)}

@@ -66,6 +66,10 @@ type ManagerOptions struct {
 	// Prefetch fetches the files of a layer's prefetch list first, as
 	// soon as it mounts.
 	Prefetch bool
+	// PrefetchGap is the largest run of unlisted compressed bytes a
+	// prefetch request bridges to merge the chunks of two listed files
+	// into one request; 0 merges only back-to-back chunks.
+	PrefetchGap int64
 	// Background fetches the rest of every mounted layer until it is
 	// complete and verified against its diffID, so that the node stops
 	// needing the registry.
@@ -510,7 +514,7 @@ func (m *Manager) acquire(layer digest.Digest, image string, rec layerRecord, to
 	if !m.opts.Prefetch && !m.opts.Background {
 		return st, nil
 	}
-	st.job = newLayerJob(st, m.opts.Prefetch, m.opts.Background, m.opts.MaxCoalesce)
+	st.job = newLayerJob(st, m.opts.Prefetch, m.opts.Background, m.opts.MaxCoalesce, m.opts.PrefetchGap)
 	st.pool.add(st.job)
 	return st, nil
 }

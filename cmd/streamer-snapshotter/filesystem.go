@@ -59,6 +59,7 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 		NegativeTTL: time.Duration(cfg.NegativeTTL),
 
 		Prefetch:              cfg.Fetch.Prefetch,
+		PrefetchGap:           int64(cfg.Fetch.PrefetchGap),
 		Background:            cfg.Fetch.Background,
 		BackgroundConcurrency: cfg.Fetch.BackgroundConcurrency,
 		BackgroundRateLimit:   int64(cfg.Fetch.BackgroundRateLimit),

@@ -119,6 +119,7 @@ type layer struct {
 	entries int // names in the tree, for statfs
 
 	reads, bytes, errors atomic.Int64
+	failures             failures
 }
 
 func (l *layer) stats() Stats {

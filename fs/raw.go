@@ -220,7 +220,7 @@ func (fs *rawFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse
 	}
 	ctx, stop := cancelContext(cancel)
 	defer stop()
-	res, errno := fs.layer.readFile(ctx, n.entry.Offset, n.entry.Size, n.entry.Name, buf, int64(in.Offset))
+	res, errno := fs.layer.readFile(ctx, in.Pid, n.entry.Offset, n.entry.Size, n.entry.Name, buf, int64(in.Offset))
 	return res, fuse.Status(errno)
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/sirupsen/logrus"
@@ -17,12 +18,16 @@ import (
 // they lie in. Errors become EIO here, at the FUSE edge (EINTR when the
 // kernel interrupted the request).
 func (l *layer) read(ctx context.Context, f *fileNode, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	return l.readFile(ctx, f.offset, f.size, f.name, dest, off)
+	var pid uint32
+	if c, ok := fuse.FromContext(ctx); ok {
+		pid = c.Pid
+	}
+	return l.readFile(ctx, pid, f.offset, f.size, f.name, dest, off)
 }
 
 // readFile serves bytes [off, off+len(dest)) of the file whose data lies at
-// tar offset offset and has size bytes; name is for logs.
-func (l *layer) readFile(ctx context.Context, offset, size int64, name string, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+// tar offset offset and has size bytes, for process pid; name is for logs.
+func (l *layer) readFile(ctx context.Context, pid uint32, offset, size int64, name string, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	if off < 0 {
 		return nil, syscall.EINVAL
 	}
@@ -30,7 +35,7 @@ func (l *layer) readFile(ctx context.Context, offset, size int64, name string, d
 		return fuse.ReadResultData(nil), 0
 	}
 	n := min(int64(len(dest)), size-off)
-	data, first, err := l.readRange(ctx, offset+off, n, dest)
+	data, first, err := l.readRange(ctx, pid, offset+off, n, dest)
 	if err != nil {
 		l.errors.Add(1)
 		errno := syscall.EIO
@@ -50,8 +55,9 @@ func (l *layer) readFile(ctx context.Context, offset, size int64, name string, d
 // readRange returns the tar bytes [off, off+n), bounded in time by
 // ReadTimeout. A range within one chunk is returned as a slice of that
 // chunk; a range across chunks is assembled in dest. It also returns the
-// index of the first chunk, for logs.
-func (l *layer) readRange(ctx context.Context, off, n int64, dest []byte) ([]byte, int, error) {
+// index of the first chunk, for logs. A read of pid that failed within
+// failureMemory fails again at once (see failures).
+func (l *layer) readRange(ctx context.Context, pid uint32, off, n int64, dest []byte) ([]byte, int, error) {
 	first, last := l.toc.ChunkRange(off, n)
 	if first >= last {
 		return nil, first, fmt.Errorf("read tar bytes [%d, %d) of layer %s: no chunk holds them", off, off+n, l.toc.Layer)
@@ -62,10 +68,17 @@ func (l *layer) readRange(ctx context.Context, off, n int64, dest []byte) ([]byt
 			off, off+n, l.toc.Layer, first, last-1, cs[0].Offset, end)
 	}
 
+	if err := l.failures.recent(pid, first, last); err != nil {
+		return nil, first, err
+	}
+	callerCtx := ctx
 	ctx, cancel := context.WithTimeout(ctx, l.opts.ReadTimeout)
 	defer cancel()
 	datas, err := l.fetch(ctx, first, cs)
 	if err != nil {
+		if callerCtx.Err() == nil {
+			l.failures.remember(pid, first, last, err)
+		}
 		return nil, first, err
 	}
 	for i, c := range cs {
@@ -151,4 +164,70 @@ func (l *layer) fetchChunks(ctx context.Context, first int, cs []artifact.Chunk)
 		return nil, err
 	}
 	return datas, nil
+}
+
+// failureMemory is how long a failed read is remembered for the process
+// that made it.
+const failureMemory = time.Second
+
+// failures remembers recent failed reads per process and chunk. When a
+// read through the page cache fails, the kernel sends it to the server
+// again (readahead, then the page, then once more) before the process
+// sees EIO; without this, a stalled registry would hold the reader for
+// several read timeouts instead of one. Another process, or the same one
+// a second later, tries the registry again.
+type failures struct {
+	mu sync.Mutex
+	m  map[failureKey]failure
+}
+
+type failureKey struct {
+	pid   uint32
+	chunk int
+}
+
+type failure struct {
+	at  time.Time
+	err error
+}
+
+// recent returns the remembered error of pid's read of any chunk in
+// [first, last), or nil.
+func (f *failures) recent(pid uint32, first, last int) error {
+	if pid == 0 {
+		return nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	for c := first; c < last; c++ {
+		if r, ok := f.m[failureKey{pid, c}]; ok && now.Sub(r.at) < failureMemory {
+			return fmt.Errorf("chunk %d failed %v ago for this process; not tried again for %v: %w",
+				c, now.Sub(r.at).Round(time.Millisecond), failureMemory, r.err)
+		}
+	}
+	return nil
+}
+
+// remember records that pid's read of chunks [first, last) failed.
+func (f *failures) remember(pid uint32, first, last int, err error) {
+	if pid == 0 {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	if f.m == nil {
+		f.m = map[failureKey]failure{}
+	}
+	if len(f.m) > 4096 {
+		for k, r := range f.m {
+			if now.Sub(r.at) >= failureMemory {
+				delete(f.m, k)
+			}
+		}
+	}
+	for c := first; c < last; c++ {
+		f.m[failureKey{pid, c}] = failure{now, err}
+	}
 }

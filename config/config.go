@@ -47,6 +47,7 @@ type Fetch struct {
 	ReadTimeout Duration `toml:"read_timeout" comment:"Time limit of one read through the filesystem, retries included; past it the read fails with EIO."`
 	Retries     int      `toml:"retries" comment:"Retries of a failed request (network error, 5xx, 429)."`
 	Prefetch    bool     `toml:"prefetch" comment:"Fetch the files of a layer's prefetch list (read at startup) first, as soon as it mounts."`
+	Readahead   Size     `toml:"readahead" comment:"With background fetch on, each on-demand fetch also starts the fetch of up to this many bytes of the chunks after it, ahead of other background work (files next to each other in a layer are read together); 0 turns it off."`
 	PrefetchGap Size     `toml:"prefetch_gap" comment:"Prefetch merges the chunks of listed files into requests of up to max_coalesce, bridging up to this many bytes of unlisted chunks between them (one round trip costs about the link's rate times its delay in bytes); 0 merges only adjacent chunks."`
 	// Background, BackgroundConcurrency and BackgroundRateLimit shape the
 	// fetch of whole layers after mount, so that the node stops needing
@@ -97,6 +98,7 @@ func DefaultDaemon() Daemon {
 			Retries:     3,
 			Prefetch:    true,
 			PrefetchGap: 1 * MiB,
+			Readahead:   2 * MiB,
 
 			Background:            true,
 			BackgroundConcurrency: 4,
@@ -204,6 +206,9 @@ func (d Daemon) Validate() error {
 	}
 	if d.Fetch.Retries < 0 {
 		bad("fetch.retries", "must not be negative, got %d", d.Fetch.Retries)
+	}
+	if d.Fetch.Readahead < 0 {
+		bad("fetch.readahead", "must not be negative, got %d", d.Fetch.Readahead)
 	}
 	if d.Fetch.PrefetchGap < 0 {
 		bad("fetch.prefetch_gap", "must not be negative, got %d", d.Fetch.PrefetchGap)

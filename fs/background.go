@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"math"
@@ -233,6 +234,16 @@ func (p *hostPool) next() (*task, <-chan struct{}, time.Duration) {
 	defer p.mu.Unlock()
 	now := time.Now()
 	var wait time.Duration
+	// Read-ahead first, newest first: it follows what is being read now.
+	for _, j := range p.jobs {
+		if j.stopped || len(j.ahead) == 0 || j.notBefore.After(now) {
+			continue
+		}
+		t := j.ahead[len(j.ahead)-1]
+		j.ahead = j.ahead[:len(j.ahead)-1]
+		p.startLocked(t)
+		return t, nil, 0
+	}
 	var pick *layerJob
 	for _, j := range p.jobs {
 		if j.stopped || len(j.prefetch) == 0 {
@@ -389,6 +400,9 @@ type layerJob struct {
 	wg     sync.WaitGroup // tasks in flight
 
 	prefetch   []*task
+	ahead      []*task // read-ahead runs, newest last (readAhead)
+	aheadFrom  int     // chunks [aheadFrom, aheadEnd) were read or read ahead
+	aheadEnd   int
 	background bool
 	cursor     int // next chunk a background run starts from
 	running    int
@@ -509,11 +523,52 @@ func (j *layerJob) nextLocked(p *hostPool) *task {
 			return &task{job: j, first: start, last: j.cursor, why: causeBackground}
 		}
 	}
-	if j.running > 0 || len(j.prefetch) > 0 {
+	if j.running > 0 || len(j.prefetch) > 0 || len(j.ahead) > 0 {
 		return nil
 	}
 	j.idle = true // until the check below says otherwise
 	return &task{job: j, verify: true}
+}
+
+// maxAhead bounds the read-ahead runs queued per layer: past it the oldest
+// is dropped, the workload having moved on.
+const maxAhead = 4
+
+// readAhead queues the fetch of up to n compressed bytes of chunks after
+// c, an on-demand fetch's last chunk, continuing the window of the
+// previous read-ahead when c falls in it (as the kernel's read-ahead does
+// for a file, here across the files laid out next to each other).
+func (j *layerJob) readAhead(p *hostPool, c artifact.Chunk, n int64) {
+	chunks := j.toc.Chunks
+	i, found := slices.BinarySearchFunc(chunks, c.CompressedOffset, func(x artifact.Chunk, off int64) int {
+		return cmp.Compare(x.CompressedOffset, off)
+	})
+	if !found {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if j.stopped {
+		return
+	}
+	start := i + 1
+	if i >= j.aheadFrom && i < j.aheadEnd {
+		start = max(start, j.aheadEnd)
+	}
+	limit := chunks[i].CompressedOffset + chunks[i].CompressedSize + n
+	end := start
+	for end < len(chunks) && chunks[end].CompressedOffset+chunks[end].CompressedSize <= limit {
+		end++
+	}
+	if end <= start {
+		return
+	}
+	j.aheadFrom, j.aheadEnd = i, end
+	if len(j.ahead) == maxAhead {
+		j.ahead = append(j.ahead[:0], j.ahead[1:]...)
+	}
+	j.ahead = append(j.ahead, &task{job: j, first: start, last: end, why: causePrefetch})
+	p.notifyLocked()
 }
 
 // stop cancels the layer's work and waits for its tasks to end.

@@ -319,6 +319,55 @@ func TestPrefetchMergesListedFiles(t *testing.T) {
 	readAll(t, dir, want)
 }
 
+// TestReadaheadFollowsOnDemandReads: an on-demand read makes the files laid
+// out after it come next, ahead of the background fetch still busy
+// elsewhere in the layer; the next read of them needs no request.
+func TestReadaheadFollowsOnDemandReads(t *testing.T) {
+	e := newManagerEnv(t)
+	want := files{"app/0-big.bin": randomBytes(80, 24<<20)}
+	for i := range 12 {
+		want[fmt.Sprintf("app/f%02d.py", i)] = randomBytes(uint64(81+i), 100<<10)
+	}
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/readahead", want.tar(t), true)
+	rec := &recordingRegistry{Client: e.client}
+	m := e.managerWith(t, rec, func(o *fs.ManagerOptions) {
+		o.BackgroundConcurrency = 1
+		o.BackgroundRateLimit = 4 << 20 // the big file keeps background busy for seconds
+		o.Readahead = 1 << 20
+	})
+	dir := managerMount(t, m, img.labels())
+	toc := tocOf(t, e, img.layer)
+	if got, err := readWithin(t, filepath.Join(dir, "app/f03.py"), 10*time.Second); err != nil || !bytes.Equal(got, want["app/f03.py"]) {
+		t.Fatalf("read f03.py: %v", err)
+	}
+	// f04..f12 hold 900 KiB: the 1 MiB read-ahead brings f04..f11 at least.
+	ahead := []string{"app/f04.py", "app/f05.py", "app/f06.py", "app/f07.py", "app/f08.py"}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, name := range ahead {
+		for _, c := range chunksOf(toc, name) {
+			for !e.cache.Has(c.Digest) {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s not fetched ahead within 10 s (requests: %+v)", name, rec.ranges())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
+	if s, _ := layerStatus(m, img.layer); s.Complete || s.FetchedPercent > 60 {
+		t.Fatalf("the background fetch already has most of the layer (%+v): read-ahead not shown ahead of it", s)
+	}
+	n := len(rec.ranges())
+	for _, name := range ahead {
+		if got, err := readWithin(t, filepath.Join(dir, name), 10*time.Second); err != nil || !bytes.Equal(got, want[name]) {
+			t.Fatalf("read %s: %v", name, err)
+		}
+	}
+	if st := m.Stats(); st.OnDemandBytes > 200<<10 || st.PrefetchBytes == 0 {
+		t.Errorf("stats %+v: want one on-demand read and the rest read ahead", st)
+	}
+	t.Logf("%d range requests by then, %d after reading the files read ahead", n, len(rec.ranges()))
+}
+
 func TestBackgroundDisabledFetchesOnlyWhatIsRead(t *testing.T) {
 	e := newManagerEnv(t)
 	want := files{"app/read.txt": []byte("read me\n"), "app/unread.bin": randomBytes(51, 2<<20)}

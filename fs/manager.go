@@ -70,6 +70,12 @@ type ManagerOptions struct {
 	// prefetch request bridges to merge the chunks of two listed files
 	// into one request; 0 merges only back-to-back chunks.
 	PrefetchGap int64
+	// Readahead, with Background on, makes each on-demand fetch start the
+	// fetch of up to this many compressed bytes of the chunks after it,
+	// ahead of other background work: files next to each other in a
+	// layer are read together (a package, a directory), and the bytes
+	// would be fetched by the background fetch anyway. 0 turns it off.
+	Readahead int64
 	// Background fetches the rest of every mounted layer until it is
 	// complete and verified against its diffID, so that the node stops
 	// needing the registry.
@@ -515,6 +521,10 @@ func (m *Manager) acquire(layer digest.Digest, image string, rec layerRecord, to
 		return st, nil
 	}
 	st.job = newLayerJob(st, m.opts.Prefetch, m.opts.Background, m.opts.MaxCoalesce, m.opts.PrefetchGap)
+	if m.opts.Background && m.opts.Readahead > 0 {
+		job, pool, n := st.job, st.pool, m.opts.Readahead
+		st.reader.missed = func(c artifact.Chunk) { job.readAhead(pool, c, n) }
+	}
 	st.pool.add(st.job)
 	return st, nil
 }

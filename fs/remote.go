@@ -56,6 +56,9 @@ type remoteReader struct {
 	log         *logrus.Entry
 	stats       *counters
 	layer       *layerStats // per layer, for status
+	// missed, when set, is told of each on-demand fetch (its last
+	// chunk) as it starts: the layer's read-ahead.
+	missed func(last artifact.Chunk)
 }
 
 // counters are shared by all layers of a Manager.
@@ -169,6 +172,9 @@ func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk, why ca
 	off := first.CompressedOffset
 	n := last.CompressedOffset + last.CompressedSize - off
 	if why == causeOnDemand {
+		if r.missed != nil {
+			r.missed(last)
+		}
 		done, err := r.host.foreground(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("wait to fetch chunk %s: %w", first.Digest, err)

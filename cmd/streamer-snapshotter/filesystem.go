@@ -60,6 +60,7 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 
 		Prefetch:              cfg.Fetch.Prefetch,
 		PrefetchGap:           int64(cfg.Fetch.PrefetchGap),
+		Readahead:             int64(cfg.Fetch.Readahead),
 		Background:            cfg.Fetch.Background,
 		BackgroundConcurrency: cfg.Fetch.BackgroundConcurrency,
 		BackgroundRateLimit:   int64(cfg.Fetch.BackgroundRateLimit),

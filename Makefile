@@ -4,7 +4,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 GOFLAGS_TEST ?= -count=1
 
-.PHONY: all build deps demo test test-faults unit integration bench bench-deps bench-readiness bench-quick fuzz vet clean
+.PHONY: all build deps demo test test-faults fuzz-short unit integration bench bench-deps bench-readiness bench-quick fuzz vet clean
 
 all: build
 
@@ -23,20 +23,29 @@ vet:
 
 # Unit tests of every package, then the end-to-end tests (real registry,
 # containerd, runc and FUSE, started and stopped by the tests).
+# Every fuzz target of remote data runs for FUZZTIME too (fuzz-short).
 test: deps vet
 	$(GO) test $(GOFLAGS_TEST) -timeout 10m $$($(GO) list ./... | grep -v /integration)
+	$(MAKE) --no-print-directory fuzz-short
 	$(GO) test $(GOFLAGS_TEST) -timeout 12m ./integration/...
 
 # Reliability and security suite: fault injection between the node and the
 # registry, damaged cache, full disk, hostile artifacts, then every fuzz
 # target of remote data for 10 s.
 FUZZ_TARGETS := ./artifact:FuzzDecodeTOC ./artifact:FuzzTOCJSON ./artifact:FuzzParseManifest \
-	./converter:FuzzTarReader ./fetcher:FuzzContentRange ./fetcher:FuzzReferrers
+	./converter:FuzzTarReader ./fetcher:FuzzContentRange ./fetcher:FuzzReferrers \
+	./service:FuzzWebhook
+FUZZTIME ?= 5s
 test-faults: deps
 	$(GO) test $(GOFLAGS_TEST) -timeout 10m -v -run 'TestFaults|TestHostile|TestArtifactContentMismatch|TestDecodeTOCWhitespaceBomb|TestSpaceSqueezer' ./fs/ ./artifact/ || status=1; \
-	for t in $(FUZZ_TARGETS); do \
-		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime 10s "$${t%%:*}" || status=1; \
-	done; exit $${status:-0}
+	$(MAKE) --no-print-directory fuzz-short FUZZTIME=10s || status=1; exit $${status:-0}
+
+# Each fuzz target of remote data for FUZZTIME (CI: 5 s each).
+fuzz-short:
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t#*:} for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) "$${t%%:*}" || exit 1; \
+	done
 
 bench: deps bench-deps
 	$(GO) test -run '^$$' -bench . -benchmem -timeout 60m ./...

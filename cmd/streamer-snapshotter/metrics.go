@@ -17,10 +17,14 @@ import (
 // serveMetrics serves /metrics (the default Prometheus registry), /healthz
 // (the process answers) and /readyz (200 once ready reports true: the
 // snapshots API is serving; 503 before and while shutting down) on addr, a
-// unix socket path or host:port. stop shuts it down.
+// unix socket path or host:port. /status and /profile, which name the
+// node's images and the files their containers read, are served on a unix
+// socket only (mode 0660, root and the containerd group): a TCP port is
+// open to every user of the node. stop shuts it down.
 func serveMetrics(addr string, ready func() bool) (stop func(), err error) {
 	var l net.Listener
-	if filepath.IsAbs(addr) {
+	local := filepath.IsAbs(addr)
+	if local {
 		l, err = snapshotter.Listen(addr)
 	} else {
 		l, err = net.Listen("tcp", addr)
@@ -30,8 +34,16 @@ func serveMetrics(addr string, ready func() bool) (stop func(), err error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.Handler())
-	mux.Handle("/status", statusHandler)
-	mux.Handle("/profile", profileHandler)
+	if local {
+		mux.Handle("/status", statusHandler)
+		mux.Handle("/profile", profileHandler)
+	} else {
+		refuse := func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, r.URL.Path+" is served only when metrics_address is a unix socket path (it names the node's images and the files they read; a TCP port is open to every local user)", http.StatusForbidden)
+		}
+		mux.HandleFunc("/status", refuse)
+		mux.HandleFunc("/profile", refuse)
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

@@ -57,3 +57,57 @@ func TestReadyz(t *testing.T) {
 		}
 	}
 }
+
+// TestStatusOnlyOnUnixSocket: on a TCP metrics address (open to every local
+// user) /metrics answers but /status and /profile are refused with a
+// reason; on the unix socket (mode 0660) they are served.
+func TestStatusOnlyOnUnixSocket(t *testing.T) {
+	always := func() bool { return true }
+	// serveMetrics takes an address: find a free port, then serve on it.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	stop, err := serveMetrics(addr, always)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	get := func(c *http.Client, url string) (int, string) {
+		t.Helper()
+		resp, err := c.Get(url)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	tcp := &http.Client{Timeout: 5 * time.Second}
+	if code, body := get(tcp, "http://"+addr+"/metrics"); code != http.StatusOK || !strings.Contains(body, "go_goroutines") {
+		t.Errorf("TCP /metrics: %d", code)
+	}
+	for _, p := range []string{"/status", "/profile"} {
+		if code, body := get(tcp, "http://"+addr+p); code != http.StatusForbidden || !strings.Contains(body, "unix socket") {
+			t.Errorf("TCP %s: %d %q; want 403 naming the unix socket", p, code, body)
+		}
+	}
+
+	sock := filepath.Join(t.TempDir(), "m.sock")
+	stopUnix, err := serveMetrics(sock, always)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stopUnix)
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	unix := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	// No filesystem runs in this test: the endpoint answers that, not 403.
+	if code, body := get(unix, "http://metrics/status"); code == http.StatusForbidden || code == http.StatusNotFound {
+		t.Errorf("unix /status: %d %q; want it served", code, body)
+	}
+}

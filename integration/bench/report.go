@@ -54,6 +54,19 @@ type Run struct {
 	// StartupBytes are the bytes the snapshotter fetched on demand (file
 	// reads) by readiness; -1 when not known (full pull).
 	StartupBytes int64
+	// Complete runs from the PullImage call until every layer of the
+	// run's images (all of them when several start at once) is local: on
+	// a full pull the PullImage call (the slowest one), since the layers
+	// are unpacked when it returns; on Streamer until the snapshotter's
+	// status, polled every 100 ms from readiness on, reports every layer
+	// complete (every chunk cached and the layer checked against its
+	// diffID). 0 when not measured or not reached (see NotComplete).
+	Complete time.Duration
+	// CompleteBytes crossed the link from the PullImage call until then.
+	CompleteBytes int64
+	// NotComplete says why the layers were not all complete: the time
+	// limit passed, a layer failed verification.
+	NotComplete string `json:",omitempty"`
 }
 
 // Cell is the runs of one image in one mode and scenario.
@@ -85,6 +98,98 @@ func (c Cell) LinkBytes() Summary {
 		xs = append(xs, float64(r.LinkBytes))
 	}
 	return Summarize(xs)
+}
+
+// Complete summarizes the complete times of the runs that reached it;
+// notComplete counts the runs that did not, why is the first one's
+// reason.
+func (c Cell) Complete() (s Summary, notComplete int, why string) {
+	var ds []time.Duration
+	for _, r := range c.Runs {
+		switch {
+		case r.NotComplete != "":
+			if notComplete++; why == "" {
+				why = r.NotComplete
+			}
+		case r.Complete > 0:
+			ds = append(ds, r.Complete)
+		}
+	}
+	return SummarizeDurations(ds), notComplete, why
+}
+
+// CompleteBytes summarizes the bytes over the link by complete, over the
+// runs that reached it.
+func (c Cell) CompleteBytes() Summary {
+	var xs []float64
+	for _, r := range c.Runs {
+		if r.NotComplete == "" && r.Complete > 0 {
+			xs = append(xs, float64(r.CompleteBytes))
+		}
+	}
+	return Summarize(xs)
+}
+
+// fullPullTime is what a Streamer cell's complete time is compared with:
+// the median time of the full pull cell's runs until the images were
+// local (its pull time; runs recorded without a complete time count their
+// pull).
+func fullPullTime(full Cell) (time.Duration, bool) {
+	var ds []time.Duration
+	for _, r := range full.Runs {
+		if r.Complete > 0 {
+			ds = append(ds, r.Complete)
+		} else if r.Pull > 0 {
+			ds = append(ds, r.Pull)
+		}
+	}
+	if len(ds) == 0 {
+		return 0, false
+	}
+	return seconds(SummarizeDurations(ds).Median), true
+}
+
+// CompleteColumns are the "complete", "bytes by complete" and "complete /
+// full pull" cells of c's row; full is the full pull cell of the same
+// image and scenario (no runs if there is none). The ratio is left out
+// when a run did not complete: its median would be unknown.
+func CompleteColumns(c, full Cell) (complete, bytes, ratio string) {
+	s, nc, why := c.Complete()
+	switch {
+	case s.N == 0 && nc == 0:
+		return "n/a", "n/a", "n/a"
+	case s.N == 0:
+		return "not complete: " + why, "n/a", "n/a"
+	}
+	complete, bytes, ratio = fmtSummary(s), FmtBytes(int64(c.CompleteBytes().Median)), "n/a"
+	if nc > 0 {
+		complete += fmt.Sprintf("; %d of %d runs not complete: %s", nc, len(c.Runs), why)
+		return complete, bytes, "n/a: not every run completed"
+	}
+	if f, ok := fullPullTime(full); ok && f > 0 {
+		ratio = fmt.Sprintf("%.2fx", s.Median/f.Seconds())
+	}
+	return complete, bytes, ratio
+}
+
+// CompleteLine is the progress line on r's complete time, "" when it was
+// not measured; full is the full pull cell to compare with (no runs if
+// there is none yet).
+func CompleteLine(r Run, m Mode, full Cell) string {
+	switch {
+	case r.NotComplete != "":
+		return "layers NOT all complete: " + r.NotComplete
+	case r.Complete <= 0:
+		return ""
+	case m == ModeFull:
+		return fmt.Sprintf("complete %s (the pull: the layers are local when PullImage returns), %s over the link",
+			FmtDuration(r.Complete), FmtBytes(r.CompleteBytes))
+	}
+	line := fmt.Sprintf("every layer complete and verified at %s, %s over the link", FmtDuration(r.Complete), FmtBytes(r.CompleteBytes))
+	if f, ok := fullPullTime(full); ok && f > 0 {
+		line += fmt.Sprintf("; %.2fx the full pull (%s)", r.Complete.Seconds()/f.Seconds(), FmtDuration(f))
+	}
+	return line
 }
 
 // StartupBytes is the median of the known on-demand byte counts, and
@@ -201,8 +306,8 @@ func contains(ss []string, s string) bool {
 // FmtDuration prints a duration for the table: milliseconds under a
 // second, else seconds with two decimals.
 func FmtDuration(d time.Duration) string {
-	if d < time.Second {
-		return fmt.Sprintf("%d ms", d.Round(time.Millisecond).Milliseconds())
+	if d = d.Round(time.Millisecond); d < time.Second {
+		return fmt.Sprintf("%d ms", d.Milliseconds())
 	}
 	return fmt.Sprintf("%.2f s", d.Seconds())
 }
@@ -274,15 +379,15 @@ func (r *Report) sortedCells() []Cell {
 func (r *Report) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Link profile **%s** (%s, %s round trip). %s.\n\n", r.Profile.Name, r.Profile.RateString(), r.Profile.RTT, r.Machine)
-	b.WriteString("| image | scenario | mode | runs | pull | ready | first 10 requests (mean) | bytes by ready | lower bound | ready / full pull |\n")
-	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	b.WriteString("| image | scenario | mode | runs | pull | ready | first 10 requests (mean) | bytes by ready | lower bound | ready / full pull | complete | bytes by complete | complete / full pull |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, c := range r.sortedCells() {
 		if c.NA != "" || len(c.Runs) == 0 {
 			reason := c.NA
 			if reason == "" {
 				reason = "no runs"
 			}
-			fmt.Fprintf(&b, "| %s | %s | %s | 0 | n/a | n/a | n/a | n/a | n/a | n/a: %s |\n", c.Image, c.Scenario, c.Mode, reason)
+			fmt.Fprintf(&b, "| %s | %s | %s | 0 | n/a | n/a | n/a | n/a | n/a | n/a: %s | n/a | n/a | n/a |\n", c.Image, c.Scenario, c.Mode, reason)
 			continue
 		}
 		ready := c.Ready()
@@ -291,15 +396,17 @@ func (r *Report) Markdown() string {
 			lb = FmtDuration(d)
 		}
 		ratio := "n/a"
-		if full, ok := r.cell(c.Image, ModeFull, c.Scenario); ok && len(full.Runs) > 0 {
+		full, ok := r.cell(c.Image, ModeFull, c.Scenario)
+		if ok && len(full.Runs) > 0 {
 			if f := full.Ready().Median; f > 0 {
 				ratio = fmt.Sprintf("%.2fx", ready.Median/f)
 			}
 		}
 		by := FmtBytes(int64(c.LinkBytes().Median))
-		fmt.Fprintf(&b, "| %s | %s | %s | %d | %s | %s | %s | %s | %s | %s |\n",
+		complete, completeBytes, completeRatio := CompleteColumns(c, full)
+		fmt.Fprintf(&b, "| %s | %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			c.Image, c.Scenario, c.Mode, len(c.Runs), fmtSummary(c.Pull()), fmtSummary(ready),
-			fmtSummary(c.FirstRequests()), by, lb, ratio)
+			fmtSummary(c.FirstRequests()), by, lb, ratio, complete, completeBytes, completeRatio)
 	}
 	if len(r.LocalStart) > 0 {
 		b.WriteString("\nRuntime start cost with the image fully local (page cache dropped), used in the lower bounds: ")

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -48,6 +47,11 @@ type Config struct {
 	Mix bool
 	// Modes to measure.
 	Modes []Mode
+	// CompleteTimeout is how long a Streamer run waits, after readiness,
+	// for every layer of its images to be complete; a run that reaches it
+	// is recorded as not complete. 0 does not wait (complete is not
+	// measured for Streamer).
+	CompleteTimeout time.Duration
 	// LinkID picks the namespace, interfaces and /30 (see NewLink).
 	LinkID int
 	// DelayProxy is the command line prefix that runs the delay proxy
@@ -355,9 +359,12 @@ type node struct {
 	snCfg       harness.SnapshotterConfig
 	snapshotter string
 	metrics     string
-	keepContent map[digest.Digest]bool
-	keepSnaps   map[string]bool
-	cacheSeq    int
+	// waitComplete: runs wait for every layer to be complete (Streamer
+	// with background fetch on).
+	waitComplete bool
+	keepContent  map[digest.Digest]bool
+	keepSnaps    map[string]bool
+	cacheSeq     int
 }
 
 // runMode starts a node for mode m and measures every cell of it.
@@ -442,6 +449,7 @@ func (b *bench) startNode(ctx context.Context, r *harness.Runner, m Mode, backgr
 		if err != nil {
 			return nil, err
 		}
+		n.waitComplete = background && b.cfg.CompleteTimeout > 0
 		n.sn = harness.StartSnapshotter(r, harness.SnapshotterOptions{Binary: b.bins.Snapshotter, Dir: filepath.Join(n.dir, "s"), Config: cfg, LogLevel: "info"})
 		opts.SnapshotterAddress = n.sn.Address
 		if root, err := harness.ModuleRoot(); err == nil {
@@ -586,10 +594,7 @@ func (n *node) onDemandBytes(ctx context.Context) (int64, error) {
 	if n.metrics == "" {
 		return -1, nil
 	}
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", n.metrics)
-	}}, Timeout: 5 * time.Second}
+	client := snapshotterClient(n.metrics)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/metrics", nil)
 	if err != nil {
 		return -1, err
@@ -633,7 +638,27 @@ type podRun struct {
 	pull  time.Duration
 	ready time.Duration
 	first []time.Duration
-	err   error
+	// pullRx is the link counter when PullImage returned (full pull).
+	pullRx    int64
+	pullRxErr error
+	err       error
+}
+
+// measured is what a measurement gives besides each pod's own times.
+type measured struct {
+	// linkBytes crossed the link from the PullImage calls to readiness;
+	// startupBytes are the snapshotter's on-demand bytes by then (-1 when
+	// not known).
+	linkBytes, startupBytes int64
+	// complete runs from the PullImage calls until every layer of every
+	// image of the run is local: the slowest PullImage call on a full
+	// pull, the first poll of the snapshotter's status that finds every
+	// layer complete on Streamer (0 when not measured or not reached);
+	// completeBytes crossed the link by then. notComplete says why it was
+	// not reached.
+	complete      time.Duration
+	completeBytes int64
+	notComplete   string
 }
 
 // measure runs the pods cold: sandboxes first (as kubelet does before
@@ -641,21 +666,28 @@ type podRun struct {
 // CreateContainer, StartContainer and the readiness probe polled every
 // 10 ms until it answers 200. Once every pod is ready the link counter and
 // the snapshotter's on-demand bytes are read, then each pod serves its
-// first ten requests.
-func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (linkBytes, startupBytes int64, err error) {
+// first ten requests. On a Streamer node with background fetch on, the
+// run then goes on (pods running) until the snapshotter reports every
+// layer of the pulled images complete, or Config.CompleteTimeout passes:
+// its status is polled every 100 ms from readiness on, alongside the ten
+// requests. measure returns once the ten requests are done and that wait
+// is over.
+func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured, error) {
+	m := measured{startupBytes: -1}
 	if err := b.cold(ctx, n); err != nil {
-		return 0, 0, fmt.Errorf("make the node cold: %w", err)
+		return m, fmt.Errorf("make the node cold: %w", err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 20*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Minute+b.cfg.CompleteTimeout)
 	defer cancel()
 	logs := filepath.Join(n.dir, "logs")
 	for i, p := range pods {
+		var err error
 		if p.port, err = harness.FreePort(); err != nil {
-			return 0, 0, err
+			return m, err
 		}
 		p.name = fmt.Sprintf("%s-%d", shortName(p.im), i)
 		if p.pod, err = n.cri.RunPod(ctx, p.name, logs); err != nil {
-			return 0, 0, err
+			return m, err
 		}
 	}
 	defer func() {
@@ -667,7 +699,7 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (linkBytes
 	}()
 	rx0, err := b.link.RxBytes()
 	if err != nil {
-		return 0, 0, err
+		return m, err
 	}
 	t0 := time.Now()
 	var wg sync.WaitGroup
@@ -690,6 +722,9 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (linkBytes
 				return
 			}
 			p.pull = time.Since(t0)
+			if n.mode == ModeFull {
+				p.pullRx, p.pullRxErr = b.link.RxBytes()
+			}
 			cmd := p.im.recipe.CommandFor(p.port)
 			if _, p.err = p.pod.StartContainer(ctx, harness.ContainerSpec{Name: p.name, Image: p.ref, Command: cmd[:1], Args: cmd[1:]}); p.err != nil {
 				return
@@ -723,20 +758,115 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (linkBytes
 	readyWG.Wait()
 	rx1, rxErr := b.link.RxBytes()
 	startup, mErr := n.onDemandBytes(ctx)
+	// A pod that failed has returned (its error is set before it counts
+	// as ready); the ready ones wait for allReady.
+	failed := false
+	for _, p := range pods {
+		failed = failed || p.err != nil
+	}
+	type pollOutcome struct {
+		res   CompleteResult
+		rx    int64
+		rxErr error
+		err   error
+	}
+	var polled chan pollOutcome
+	pctx, pcancel := context.WithCancel(ctx)
+	defer pcancel()
+	if n.waitComplete && !failed {
+		polled = make(chan pollOutcome, 1)
+		poll := b.completePoll(n, pods)
+		go func() {
+			var o pollOutcome
+			o.res, o.err = poll.Wait(pctx)
+			if o.res.Complete {
+				o.rx, o.rxErr = b.link.RxBytes()
+			}
+			polled <- o
+		}()
+	}
 	close(allReady)
 	wg.Wait()
 	for _, p := range pods {
 		if p.err != nil {
-			return 0, 0, p.err
+			return m, p.err
 		}
 	}
 	if rxErr != nil {
-		return 0, 0, rxErr
+		return m, rxErr
 	}
 	if mErr != nil {
 		b.cfg.logf("warning: %v", mErr)
 	}
-	return rx1 - rx0, startup, nil
+	m.linkBytes, m.startupBytes = rx1-rx0, startup
+	switch {
+	case polled != nil:
+		o := <-polled
+		if o.err != nil {
+			return m, o.err
+		}
+		if o.rxErr != nil {
+			return m, o.rxErr
+		}
+		if o.res.Complete {
+			m.complete, m.completeBytes = o.res.At.Sub(t0), o.rx-rx0
+		} else {
+			m.notComplete = o.res.Why
+			pending := ""
+			if len(o.res.Pending) > 0 {
+				pending = "; layers not complete: " + ShortDigests(o.res.Pending)
+			}
+			b.cfg.logf("warning: the layers of %s were not all complete: %s%s", describePods(pods), o.res.Why, pending)
+		}
+	case n.mode == ModeFull:
+		// The layers are unpacked when PullImage returns: complete is the
+		// slowest pull.
+		for _, p := range pods {
+			if p.pullRxErr != nil {
+				return m, p.pullRxErr
+			}
+			if p.pull >= m.complete {
+				m.complete, m.completeBytes = p.pull, p.pullRx-rx0
+			}
+		}
+	}
+	return m, nil
+}
+
+// describePods names the images of pods, for messages.
+func describePods(pods []*podRun) string {
+	var names []string
+	for _, p := range pods {
+		if !contains(names, p.ref) {
+			names = append(names, p.ref)
+		}
+	}
+	return strings.Join(names, ", ")
+}
+
+// completePoll waits for every layer of the images pods pulled to be
+// complete, polling the node's snapshotter status.
+func (b *bench) completePoll(n *node, pods []*podRun) CompletePoll {
+	var images []PulledImage
+	seen := map[string]bool{}
+	for _, p := range pods {
+		if seen[p.ref] {
+			continue
+		}
+		seen[p.ref] = true
+		im := PulledImage{Ref: p.ref}
+		for _, l := range p.im.built.Layers {
+			im.Layers = append(im.Layers, l.Digest)
+		}
+		images = append(images, im)
+	}
+	client := snapshotterClient(n.metrics)
+	return CompletePoll{
+		Status:   func(ctx context.Context) (*SnapshotterStatus, error) { return FetchStatus(ctx, client) },
+		Images:   images,
+		Interval: 100 * time.Millisecond,
+		Limit:    b.cfg.CompleteTimeout,
+	}
 }
 
 // cellOne measures one pod of im, Runs times.
@@ -750,16 +880,23 @@ func (b *bench) cellOne(ctx context.Context, n *node, im benchImage) error {
 	}
 	for i := 0; i < b.cfg.Runs; i++ {
 		p := &podRun{im: im, ref: ref}
-		bytes, startup, err := b.measure(ctx, n, []*podRun{p})
+		m, err := b.measure(ctx, n, []*podRun{p})
 		if err != nil {
 			return fmt.Errorf("%s, %s, run %d: %w", c.Image, n.mode, i+1, err)
 		}
-		run := Run{Pull: p.pull, Ready: p.ready, FirstRequests: p.first, LinkBytes: bytes, StartupBytes: startup}
+		run := m.run()
+		run.Pull, run.Ready, run.FirstRequests = p.pull, p.ready, p.first
 		c.Runs = append(c.Runs, run)
 		b.progress(c, i, run)
 	}
 	b.addCell(c)
 	return nil
+}
+
+// run is a Run with the figures of m; the caller adds the pods' times.
+func (m measured) run() Run {
+	return Run{LinkBytes: m.linkBytes, StartupBytes: m.startupBytes,
+		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete}
 }
 
 func (b *bench) progress(c Cell, i int, r Run) {
@@ -769,6 +906,12 @@ func (b *bench) progress(c Cell, i int, r Run) {
 	}
 	b.cfg.logf("[%s | %s | %s] run %d/%d: pull %s, ready %s, first requests %s mean, %s over the link%s",
 		c.Image, c.Mode, c.Scenario, i+1, b.cfg.Runs, FmtDuration(r.Pull), FmtDuration(r.Ready), FmtDuration(Mean(r.FirstRequests)), FmtBytes(r.LinkBytes), extra)
+	b.mu.Lock()
+	full, _ := b.report.cell(c.Image, ModeFull, c.Scenario)
+	b.mu.Unlock()
+	if line := CompleteLine(r, c.Mode, full); line != "" {
+		b.cfg.logf("[%s | %s | %s] run %d/%d: %s", c.Image, c.Mode, c.Scenario, i+1, b.cfg.Runs, line)
+	}
 }
 
 // cellScale starts podsPer pods of each image at once, Runs times; one
@@ -789,12 +932,12 @@ func (b *bench) cellScale(ctx context.Context, n *node, ims []benchImage, podsPe
 				pods = append(pods, &podRun{im: im, ref: ref})
 			}
 		}
-		bytes, startup, err := b.measure(ctx, n, pods)
+		m, err := b.measure(ctx, n, pods)
 		if err != nil {
 			return fmt.Errorf("%s, %s: run %d: %w", s, n.mode, i+1, err)
 		}
 		for j, im := range ims {
-			run := Run{LinkBytes: bytes, StartupBytes: startup}
+			run := m.run()
 			for _, p := range pods {
 				if p.im.recipe.Name != im.recipe.Name {
 					continue
@@ -928,11 +1071,14 @@ func (b *bench) probe(ctx context.Context) error {
 		b.report.StartupBytes = map[string]int64{}
 		for i := range b.images {
 			im := &b.images[i]
+			// measure returns after the ten work requests: the profile
+			// taken below lists the files they read too.
 			p := &podRun{im: *im, ref: im.ref}
-			_, startup, err := b.measure(ctx, n, []*podRun{p})
+			m, err := b.measure(ctx, n, []*podRun{p})
 			if err != nil {
 				return fmt.Errorf("startup probe of %s: %w", im.recipe.Name, err)
 			}
+			startup := m.startupBytes
 			b.report.StartupBytes[shortName(*im)] = startup
 			msg := ""
 			if im.prefDirect != "" {

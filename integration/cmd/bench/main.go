@@ -49,6 +49,7 @@ func run(r *harness.Runner) error {
 		out       = flag.String("out", "", "results directory (default <cache>/results/<UTC time>)")
 		linkID    = flag.Int("link-id", os.Getpid()%16000, "picks the network namespace name and the /30 in 10.250.0.0/16")
 		buildOnly = flag.Bool("build-only", false, "build (or find cached) the images and exit")
+		complete  = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
 	flag.Parse()
 	set := map[string]bool{}
@@ -67,6 +68,9 @@ func run(r *harness.Runner) error {
 	p, ok := bench.Profiles[*profile]
 	if !ok {
 		return fmt.Errorf("-profile %q: want same-region or cross-region", *profile)
+	}
+	if *complete < 0 {
+		return fmt.Errorf("-complete-timeout %v: want 0 or more", *complete)
 	}
 	if *runs < 1 {
 		return fmt.Errorf("-runs %d: want at least 1", *runs)
@@ -130,7 +134,7 @@ func run(r *harness.Runner) error {
 	defer cancel()
 	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
-		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID,
+		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
 		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {

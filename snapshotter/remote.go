@@ -96,34 +96,39 @@ func (s *snapshotter) prepareRemote(ctx context.Context, key, parent, target str
 	return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 }
 
+// record is a snapshot as restore finds it in the metadata store.
+type record struct {
+	id, name string
+	labels   map[string]string
+}
+
 // restore mounts again the remote snapshots of a previous run. A layer that
 // fails to mount is kept: ensureRemote retries when it is next used.
 func (s *snapshotter) restore(ctx context.Context) error {
-	type record struct {
-		id, name string
-		labels   map[string]string
-	}
-	var recs []record
+	var recs, others []record
 	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
-			if info.Kind != snapshots.KindCommitted || !isRemote(info.Labels) {
-				return nil
-			}
 			id, _, _, err := storage.GetInfo(ctx, info.Name)
 			if err != nil {
 				return err
 			}
-			recs = append(recs, record{id: id, name: info.Name, labels: info.Labels})
+			r := record{id: id, name: info.Name, labels: info.Labels}
+			if info.Kind != snapshots.KindCommitted || !isRemote(info.Labels) {
+				others = append(others, r)
+				return nil
+			}
+			recs = append(recs, r)
 			return nil
 		})
 	}); err != nil && !errdefs.IsNotFound(err) { // not found: a new store
 
 		return fmt.Errorf("list remote snapshots to restore: %w", err)
 	}
+	ctx = log.WithLogger(ctx, s.logger)
+	s.clearInterrupted(ctx, others)
 	if len(recs) == 0 {
 		return nil
 	}
-	ctx = log.WithLogger(ctx, s.logger)
 	if s.fs == nil {
 		s.logger.WithField("snapshots", len(recs)).Error("remote snapshots exist but no remote filesystem is configured: their layers will be empty")
 		return nil
@@ -154,6 +159,37 @@ func (s *snapshotter) restore(ctx context.Context) error {
 	_ = g.Wait()
 	s.logger.WithField("snapshots", len(recs)).Info("remote snapshots restored")
 	return nil
+}
+
+// clearInterrupted unmounts layers mounted for snapshots that are not
+// committed remote snapshots: a daemon killed between mounting a layer and
+// committing it (prepareRemote) leaves the mount on the active snapshot's
+// directory, kept alive by the descriptor holder but served by no one, so
+// anything that touches it (statfs, du) would hang. containerd failed that
+// Prepare and garbage-collects the snapshot; the mount must go now.
+func (s *snapshotter) clearInterrupted(ctx context.Context, recs []record) {
+	// One read of the mount table, however many snapshots there are.
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(s.snapshotsDir()))
+	if err != nil {
+		s.logger.WithError(err).Warn("read mount table: mounts of interrupted remote prepares not cleared")
+		return
+	}
+	mounted := map[string]bool{}
+	for _, m := range ms {
+		mounted[m.Mountpoint] = true
+	}
+	for _, r := range recs {
+		mp := s.upper(r.id)
+		if !mounted[mp] {
+			continue
+		}
+		lg := s.logger.WithFields(layerFields(r.labels)).WithFields(logrus.Fields{"snapshot": r.name, "mountpoint": mp})
+		if err := s.unmount(ctx, mp); err != nil {
+			lg.WithError(err).Error("failed to clear the layer mount of an interrupted remote prepare")
+			continue
+		}
+		lg.Warn("cleared the layer mount of an interrupted remote prepare")
+	}
 }
 
 // ensureParents makes sure the remote layers under parent (parent included)

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
-	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
 // criPlugin is the CRI plugin's key in containerd's version 2 config.
@@ -216,25 +215,7 @@ func StartContainerd(t TB, o ContainerdOptions) *Containerd {
 	t.Cleanup(func() { c.shutdown(t) })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	err = WaitFor(ctx, c.proc, "containerd CRI "+c.Address, func(ctx context.Context) error {
-		if err := DialUnix(ctx, c.Address); err != nil {
-			return err
-		}
-		cri, err := DialCRI(ctx, c.Address)
-		if err != nil {
-			return err
-		}
-		defer cri.Close()
-		cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
-		defer ccancel()
-		v, err := cri.Runtime.Version(cctx, &runtime.VersionRequest{})
-		if err != nil {
-			return err
-		}
-		c.Version = v.RuntimeVersion
-		return nil
-	})
-	if err != nil {
+	if err := c.waitCRI(ctx); err != nil {
 		t.Fatalf("start containerd: %v\nconfig:\n%s\nlog tail:\n%s", err, data, c.proc.LogTail(40))
 	}
 	return c

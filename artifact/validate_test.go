@@ -3,6 +3,8 @@ package artifact
 import (
 	"errors"
 	"strings"
+
+	"github.com/opencontainers/go-digest"
 	"testing"
 )
 
@@ -193,6 +195,27 @@ func BenchmarkValidateDeepNames(b *testing.B) {
 	for b.Loop() {
 		if err := toc.Validate(Limits{}); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+func TestValidSHA256(t *testing.T) {
+	hex := strings.Repeat("0123456789abcdef", 4)
+	for _, tc := range []struct {
+		d  string
+		ok bool
+	}{
+		{"sha256:" + hex, true},
+		{"sha256:" + strings.ToUpper(hex), false},
+		{"sha256:" + hex[:63], false},
+		{"sha256:" + hex + "0", false},
+		{"sha256:" + hex[:63] + "g", false},
+		{"sha512:" + hex + hex, false},
+		{"sha256" + hex, false},
+		{"", false},
+	} {
+		if err := validSHA256(digest.Digest(tc.d)); (err == nil) != tc.ok {
+			t.Errorf("validSHA256(%q) = %v; want ok %v", tc.d, err, tc.ok)
 		}
 	}
 }

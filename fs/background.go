@@ -29,9 +29,10 @@ import (
 //     of any layer before background runs (the layer furthest behind in its
 //     list first); prefetch runs are large merged ranges (planPrefetch) and
 //     share the link with on-demand reads, since both serve the startup;
-//   - before each background run, workers wait while on-demand requests are
-//     in flight to the same host (preemption between runs), so background
-//     traffic steps aside;
+//   - no background run starts while a prefetch or read-ahead run is in
+//     flight to the host, and before each, workers wait while on-demand
+//     requests are in flight to the same host (preemption between runs), so
+//     background traffic steps aside for the startup;
 //   - background runs are taken round-robin across the host's layers, so
 //     no layer starves.
 //
@@ -126,7 +127,11 @@ type hostPool struct {
 	jobs     []*layerJob
 	rr       int                   // next job for a background run
 	inflight map[digest.Digest]int // chunks being fetched by workers
-	wake     chan struct{}         // closed (and replaced) when work may be there
+	// prefetching counts prefetch and read-ahead runs in flight: while
+	// any runs, no background run starts, so the startup's bytes have
+	// the link to themselves.
+	prefetching int
+	wake        chan struct{} // closed (and replaced) when work may be there
 }
 
 // foreground takes an on-demand slot; done gives it back.
@@ -263,6 +268,9 @@ func (p *hostPool) next() (*task, <-chan struct{}, time.Duration) {
 		p.startLocked(t)
 		return t, nil, 0
 	}
+	if p.prefetching > 0 {
+		return nil, p.wake, wait
+	}
 	for k := range p.jobs {
 		i := (p.rr + k) % len(p.jobs)
 		j := p.jobs[i]
@@ -292,6 +300,9 @@ func minPositive(a, b time.Duration) time.Duration {
 }
 
 func (p *hostPool) startLocked(t *task) {
+	if t.why == causePrefetch {
+		p.prefetching++
+	}
 	t.job.running++
 	t.job.wg.Add(1)
 	if !t.verify {
@@ -306,6 +317,9 @@ func (p *hostPool) finish(t *task, err error) {
 	defer p.mu.Unlock()
 	j := t.job
 	j.running--
+	if t.why == causePrefetch {
+		p.prefetching--
+	}
 	if !t.verify {
 		for _, c := range j.toc.Chunks[t.first:t.last] {
 			if p.inflight[c.Digest]--; p.inflight[c.Digest] <= 0 {

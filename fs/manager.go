@@ -102,7 +102,16 @@ type Manager struct {
 	log     *logrus.Entry
 	stats   counters
 	lookups singleflight.Group
-	sched   *scheduler
+	// tocs fetches each layer's TOC once however many ask (the layer's
+	// mount, the warm-up of its image).
+	tocs singleflight.Group
+	// warm holds TOCs fetched ahead of their layer's mount; warmCtx
+	// ends, and warmWG waits for, the fetches ahead.
+	warm     warmTOCs
+	warmCtx  context.Context
+	warmStop context.CancelFunc
+	warmWG   sync.WaitGroup
+	sched    *scheduler
 	// profiles are the startup profiles recorded per image.
 	profiles profiles
 
@@ -173,7 +182,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 			return nil, fmt.Errorf("new manager: %w", err)
 		}
 	}
-	return &Manager{
+	m := &Manager{
 		opts: opts,
 		log:  opts.Logger,
 		sched: newScheduler(schedulerOptions{
@@ -189,7 +198,9 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 		mounts:    map[string]*layerMount{},
 		decisions: map[string]*ImageDecision{},
 		layers:    map[digest.Digest]*layerState{},
-	}, nil
+	}
+	m.warmCtx, m.warmStop = context.WithCancel(context.Background())
+	return m, nil
 }
 
 // Paths under the root: one function each, nothing else builds them.
@@ -226,14 +237,24 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 	}
 	log := m.log.WithFields(logrus.Fields{"image": labels[LabelImageRef], "layer": layer})
 
-	// A layer mounted before mounts again from its local record, without
-	// the registry: restarts and reboots do not depend on it.
-	rec, toc, err := m.localLayer(layer)
-	if err != nil {
-		log.WithError(err).Debug("no usable local record")
-		rec, toc, err = m.remoteLayer(ctx, layer, labels, log)
-		if err != nil {
+	// A TOC fetched ahead for this image is used first; a layer mounted
+	// before mounts again from its local record, without the registry:
+	// restarts and reboots do not depend on it.
+	var rec layerRecord
+	var toc *artifact.TOC
+	if w, ok := m.warm.take(layer); ok {
+		if err := m.storeLayer(layer, w.rec, w.raw); err != nil {
 			return err
+		}
+		rec, toc = w.rec, w.toc
+	} else {
+		rec, toc, err = m.localLayer(layer)
+		if err != nil {
+			log.WithError(err).Debug("no usable local record")
+			rec, toc, err = m.remoteLayer(ctx, layer, labels, log)
+			if err != nil {
+				return err
+			}
 		}
 	}
 	if rec.Bad != "" {
@@ -333,6 +354,71 @@ func (m *Manager) remoteLayer(ctx context.Context, layer digest.Digest, labels m
 	if !ok {
 		return rec, nil, fmt.Errorf("%w: artifact of %s has no layer %s", ErrNotStreamable, manifest, layer)
 	}
+	m.warmUp(ref, art, layer, log)
+	v, err, _ := m.tocs.Do(layer.String(), func() (any, error) {
+		rec, f, err := m.fetchTOC(ctx, ref, l)
+		return warmTOC{rec: rec, fetchedTOC: f}, err
+	})
+	if err != nil {
+		return rec, nil, err
+	}
+	m.warm.take(layer) // fetched by the warm-up while this mount waited
+	w := v.(warmTOC)
+	if err := m.storeLayer(layer, w.rec, w.raw); err != nil {
+		return rec, nil, err
+	}
+	return w.rec, w.toc, nil
+}
+
+// warmUp fetches, in the background, the TOCs of the image's other layers
+// that have no local record yet, so that their mounts do not wait for
+// them: containerd prepares an image's layers one after another, and a
+// TOC of tens of thousands of entries takes a round trip and some hundreds
+// of milliseconds to decode and check. Once per image manifest.
+func (m *Manager) warmUp(ref fetcher.Ref, art *artifact.Manifest, current digest.Digest, log *logrus.Entry) {
+	if !m.warm.start(art.Subject.Digest) {
+		return
+	}
+	var todo []artifact.Layer
+	for _, l := range art.Layers {
+		if l.Original == current {
+			continue
+		}
+		if _, err := os.Stat(recordPath(m.opts.Root, l.Original)); err == nil {
+			continue
+		}
+		todo = append(todo, l)
+	}
+	if len(todo) == 0 {
+		return
+	}
+	sem := make(chan struct{}, warmConcurrency)
+	for _, l := range todo {
+		m.warmWG.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			ctx, cancel := context.WithTimeout(m.warmCtx, warmTimeout)
+			defer cancel()
+			v, err, shared := m.tocs.Do(l.Original.String(), func() (any, error) {
+				rec, f, err := m.fetchTOC(ctx, ref, l)
+				return warmTOC{rec: rec, fetchedTOC: f}, err
+			})
+			if err != nil {
+				// The layer's mount fetches it again and reports.
+				log.WithError(err).WithFields(logrus.Fields{"op": "warm-toc", "layer": l.Original}).Debug("TOC not fetched ahead")
+				return
+			}
+			if !shared {
+				m.warm.put(l.Original, v.(warmTOC))
+			}
+		})
+	}
+}
+
+// fetchTOC fetches and checks a layer's TOC.
+func (m *Manager) fetchTOC(ctx context.Context, ref fetcher.Ref, l artifact.Layer) (layerRecord, *fetchedTOC, error) {
+	var rec layerRecord
+	layer := l.Original
 	rc, err := m.opts.Registry.FetchBlob(ctx, ref, ocispec.Descriptor{MediaType: l.TOC.MediaType, Digest: l.TOC.Digest, Size: l.TOC.Size})
 	if err != nil {
 		return rec, nil, fmt.Errorf("%w: fetch TOC %s of layer %s: %v", ErrNotStreamable, l.TOC.Digest, layer, err)
@@ -351,14 +437,26 @@ func (m *Manager) remoteLayer(ctx context.Context, layer digest.Digest, labels m
 	if toc.BlobSize != l.Blob.Size {
 		return rec, nil, fmt.Errorf("%w: TOC %s of layer %s says the blob size is %d, the artifact manifest %d: %v", ErrNotStreamable, l.TOC.Digest, layer, toc.BlobSize, l.Blob.Size, artifact.ErrInvalidTOC)
 	}
-	rec = layerRecord{Ref: ref.Name(), Blob: l.Blob, TOC: l.TOC}
-	if err := writeAtomic(tocPath(m.opts.Root, l.TOC.Digest), tb); err != nil {
-		return rec, nil, fmt.Errorf("store TOC of layer %s: %w", layer, err)
+	return layerRecord{Ref: ref.Name(), Blob: l.Blob, TOC: l.TOC}, &fetchedTOC{toc: toc, raw: tb}, nil
+}
+
+// fetchedTOC is a layer's TOC fetched from the registry and checked, with
+// its bytes, not yet recorded on disk.
+type fetchedTOC struct {
+	toc *artifact.TOC
+	raw []byte
+}
+
+// storeLayer records a layer's TOC and record on disk, for mounts without
+// the registry after a restart.
+func (m *Manager) storeLayer(layer digest.Digest, rec layerRecord, raw []byte) error {
+	if err := writeAtomic(tocPath(m.opts.Root, rec.TOC.Digest), raw); err != nil {
+		return fmt.Errorf("store TOC of layer %s: %w", layer, err)
 	}
 	if err := m.writeRecord(layer, rec); err != nil {
-		return rec, nil, fmt.Errorf("store record of layer %s: %w", layer, err)
+		return fmt.Errorf("store record of layer %s: %w", layer, err)
 	}
-	return rec, toc, nil
+	return nil
 }
 
 func decodeLayerTOC(b []byte, layer digest.Digest) (*artifact.TOC, error) {
@@ -627,6 +725,8 @@ func (m *Manager) Close() error {
 	for _, mp := range mps {
 		errs = append(errs, m.Unmount(context.Background(), mp))
 	}
+	m.warmStop()
+	m.warmWG.Wait()
 	m.sched.close()
 	return errors.Join(errs...)
 }
@@ -696,4 +796,76 @@ func writeAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(f.Name(), path)
+}
+
+const (
+	// warmConcurrency bounds the TOCs of one image fetched ahead at once.
+	warmConcurrency = 3
+	// warmTimeout bounds one TOC fetched ahead.
+	warmTimeout = 2 * time.Minute
+	// warmKeep is how long a TOC fetched ahead waits for its mount.
+	warmKeep = 5 * time.Minute
+)
+
+// warmTOCs are TOCs fetched ahead of their layers' mounts, and the image
+// manifests whose layers were fetched ahead.
+type warmTOCs struct {
+	mu     sync.Mutex
+	layers map[digest.Digest]warmTOC
+	images map[digest.Digest]time.Time
+}
+
+type warmTOC struct {
+	rec layerRecord
+	*fetchedTOC
+	at time.Time
+}
+
+// start reports whether the image's warm-up is to start now (not within
+// warmKeep of the last one).
+func (w *warmTOCs) start(image digest.Digest) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	if w.images == nil {
+		w.images = map[digest.Digest]time.Time{}
+	}
+	for k, at := range w.images {
+		if now.Sub(at) > warmKeep {
+			delete(w.images, k)
+		}
+	}
+	if _, ok := w.images[image]; ok {
+		return false
+	}
+	w.images[image] = now
+	return true
+}
+
+func (w *warmTOCs) put(layer digest.Digest, t warmTOC) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	if w.layers == nil {
+		w.layers = map[digest.Digest]warmTOC{}
+	}
+	for k, t := range w.layers {
+		if now.Sub(t.at) > warmKeep {
+			delete(w.layers, k)
+		}
+	}
+	t.at = now
+	w.layers[layer] = t
+}
+
+// take returns and forgets the TOC fetched ahead for layer.
+func (w *warmTOCs) take(layer digest.Digest) (warmTOC, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	t, ok := w.layers[layer]
+	if !ok || time.Since(t.at) > warmKeep {
+		return warmTOC{}, false
+	}
+	delete(w.layers, layer)
+	return t, true
 }

@@ -29,6 +29,9 @@ type streamedImage struct {
 	manifest digest.Digest
 	layer    digest.Digest
 	tar      []byte
+	// chain and parent are the chain ids of the image's layers up to this
+	// one and up to the one below ("" for the base layer).
+	chain, parent digest.Digest
 }
 
 // pushStreamedImage pushes a one-layer image made of tarBytes and, if
@@ -62,6 +65,20 @@ func pushStreamedImageTOC(t *testing.T, c *fetcher.Client, host, repo string, ta
 // to the repository, but not to the image, would attack.
 func pushCrafted(t *testing.T, c *fetcher.Client, host, repo string, imageTar, artTar []byte, craft func(l *testLayer, layer digest.Digest) []byte) streamedImage {
 	t.Helper()
+	return pushLayers(t, c, host, repo, []craftedLayer{{imageTar, artTar, craft}})[0]
+}
+
+// craftedLayer is one layer for pushLayers: see pushCrafted.
+type craftedLayer struct {
+	imageTar, artTar []byte
+	craft            func(l *testLayer, layer digest.Digest) []byte
+}
+
+// pushLayers pushes an image of the given layers, bottom first, and a
+// streaming artifact for those with an artTar (none when no layer has
+// one); it returns each layer's view of the image.
+func pushLayers(t *testing.T, c *fetcher.Client, host, repo string, layers []craftedLayer) []streamedImage {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	ref, err := fetcher.ParseRef(host + "/" + repo + ":v1")
@@ -75,45 +92,64 @@ func pushCrafted(t *testing.T, c *fetcher.Client, host, repo string, imageTar, a
 		}
 		return d
 	}
-	layerDesc := push(ocispec.MediaTypeImageLayer, imageTar)
+	var descs []ocispec.Descriptor
+	var diffIDs []digest.Digest
+	for _, l := range layers {
+		d := push(ocispec.MediaTypeImageLayer, l.imageTar)
+		descs = append(descs, d)
+		diffIDs = append(diffIDs, d.Digest)
+	}
 	cfg, _ := json.Marshal(ocispec.Image{
 		Platform: ocispec.Platform{OS: "linux", Architecture: "amd64"},
-		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{layerDesc.Digest}},
+		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
 	})
 	cfgDesc := push(ocispec.MediaTypeImageConfig, cfg)
 	mb, _ := json.Marshal(ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageManifest,
 		Config:    cfgDesc,
-		Layers:    []ocispec.Descriptor{layerDesc},
+		Layers:    descs,
 	})
 	subject, err := c.PushManifest(ctx, ref, ocispec.MediaTypeImageManifest, mb, "v1")
 	if err != nil {
 		t.Fatalf("push manifest: %v", err)
 	}
-	img := streamedImage{ref: ref.String(), manifest: subject.Digest, layer: layerDesc.Digest, tar: imageTar}
-	if artTar == nil {
-		return img
-	}
-	l := buildLayer(t, artTar, artifact.MinChunkSize)
-	l.toc.Layer = layerDesc.Digest
-	var tb []byte
-	if craft != nil {
-		tb = craft(l, layerDesc.Digest)
-	} else {
-		if tb, _, err = l.toc.Marshal(); err != nil {
+	imgs := make([]streamedImage, len(layers))
+	var streamed []artifact.Layer
+	var parent digest.Digest
+	for i, cl := range layers {
+		layerDigest := descs[i].Digest
+		chain := layerDigest // uncompressed layers: the diffID is the digest
+		if parent != "" {
+			chain = digest.FromString(parent.String() + " " + layerDigest.String())
+		}
+		imgs[i] = streamedImage{ref: ref.String(), manifest: subject.Digest, layer: layerDigest, tar: cl.imageTar, chain: chain, parent: parent}
+		parent = chain
+		if cl.artTar == nil {
+			continue
+		}
+		l := buildLayer(t, cl.artTar, artifact.MinChunkSize)
+		l.toc.Layer = layerDigest
+		var tb []byte
+		if cl.craft != nil {
+			tb = cl.craft(l, layerDigest)
+		} else if tb, _, err = l.toc.Marshal(); err != nil {
 			t.Fatal(err)
 		}
+		blobDesc := push(artifact.MediaTypeStreamingLayer, l.blob)
+		tocDesc := push(artifact.MediaTypeTOC, tb)
+		streamed = append(streamed, artifact.Layer{
+			Original: layerDigest,
+			DiffID:   layerDigest,
+			Blob:     artifact.Descriptor{MediaType: artifact.MediaTypeStreamingLayer, Digest: blobDesc.Digest, Size: blobDesc.Size},
+			TOC:      artifact.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDesc.Digest, Size: tocDesc.Size},
+		})
 	}
-	blobDesc := push(artifact.MediaTypeStreamingLayer, l.blob)
-	tocDesc := push(artifact.MediaTypeTOC, tb)
+	if len(streamed) == 0 {
+		return imgs
+	}
 	push(artifact.MediaTypeConfig, artifact.EmptyConfigBytes)
-	am, err := artifact.BuildManifest(subject, []artifact.Layer{{
-		Original: layerDesc.Digest,
-		DiffID:   layerDesc.Digest,
-		Blob:     artifact.Descriptor{MediaType: artifact.MediaTypeStreamingLayer, Digest: blobDesc.Digest, Size: blobDesc.Size},
-		TOC:      artifact.Descriptor{MediaType: artifact.MediaTypeTOC, Digest: tocDesc.Digest, Size: tocDesc.Size},
-	}}, time.Now())
+	am, err := artifact.BuildManifest(subject, streamed, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +160,7 @@ func pushCrafted(t *testing.T, c *fetcher.Client, host, repo string, imageTar, a
 	if err := c.AddReferrer(ctx, ref, subject, ad); err != nil {
 		t.Fatalf("add referrer: %v", err)
 	}
-	return img
+	return imgs
 }
 
 func (img streamedImage) labels() map[string]string {
@@ -132,10 +168,8 @@ func (img streamedImage) labels() map[string]string {
 		fs.LabelImageRef:       img.ref,
 		fs.LabelManifestDigest: img.manifest.String(),
 		fs.LabelLayerDigest:    img.layer.String(),
-		// A base layer pushed uncompressed: its chain id is its diffID,
-		// which is its digest.
-		fs.LabelSnapshotRef: img.layer.String(),
-		fs.LabelParent:      "",
+		fs.LabelSnapshotRef:    img.chain.String(),
+		fs.LabelParent:         img.parent.String(),
 	}
 }
 

@@ -208,16 +208,25 @@ func verify(d digest.Digest, b []byte) bool {
 
 // Get returns the chunk d from memory or disk. Bytes read from disk are
 // verified again; a file that fails is removed and reported as a miss.
-func (s *Store) Get(d digest.Digest) ([]byte, bool) {
+func (s *Store) Get(d digest.Digest) ([]byte, bool) { return s.get(d, true) }
+
+// GetCold is Get for a pass over many chunks nobody is reading now (a
+// layer's completion check): it neither fills the memory cache nor
+// changes the recency of what it reads.
+func (s *Store) GetCold(d digest.Digest) ([]byte, bool) { return s.get(d, false) }
+
+func (s *Store) get(d digest.Digest, promote bool) ([]byte, bool) {
 	if d.Validate() != nil {
 		s.misses.Add(1)
 		return nil, false
 	}
 	s.mu.Lock()
 	if el, ok := s.mem[d]; ok {
-		s.memLRU.MoveToFront(el)
-		if del, ok := s.disk[d]; ok {
-			s.diskLRU.MoveToFront(del)
+		if promote {
+			s.memLRU.MoveToFront(el)
+			if del, ok := s.disk[d]; ok {
+				s.diskLRU.MoveToFront(del)
+			}
 		}
 		b := el.Value.(*memEntry).b
 		s.mu.Unlock()
@@ -253,6 +262,10 @@ func (s *Store) Get(d digest.Digest) ([]byte, bool) {
 		s.misses.Add(1)
 		return nil, false
 	}
+	if !promote {
+		s.diskHits.Add(1)
+		return b, true
+	}
 	// Persist recency so a restart keeps the LRU order roughly right.
 	now := time.Now()
 	_ = os.Chtimes(p, now, now)
@@ -284,17 +297,32 @@ func (s *Store) Put(d digest.Digest, b []byte) error {
 	if !verify(d, b) {
 		return fmt.Errorf("cache put %s: %w", d, ErrDigestMismatch)
 	}
-	return s.put(d, append([]byte(nil), b...))
+	return s.put(d, append([]byte(nil), b...), true)
+}
+
+// PutCold stores a chunk that nobody is reading now (a background fetch):
+// on disk only, so that the memory cache keeps the chunks being read
+// rather than fill with a whole layer passing through. Verified as Put.
+func (s *Store) PutCold(d digest.Digest, b []byte) error {
+	if err := d.Validate(); err != nil {
+		return fmt.Errorf("cache put %q: %w", d, err)
+	}
+	if !verify(d, b) {
+		return fmt.Errorf("cache put %s: %w", d, ErrDigestMismatch)
+	}
+	return s.put(d, b, false)
 }
 
 // put stores verified bytes, which the store then owns and shares.
-func (s *Store) put(d digest.Digest, b []byte) error {
+func (s *Store) put(d digest.Digest, b []byte, mem bool) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return fmt.Errorf("cache put %s: %w", d, ErrClosed)
 	}
-	s.addMemLocked(d, b)
+	if mem {
+		s.addMemLocked(d, b)
+	}
 	el, onDisk := s.disk[d]
 	if onDisk {
 		s.diskLRU.MoveToFront(el)
@@ -454,7 +482,7 @@ func (s *Store) run(ctx context.Context, d digest.Digest, f *flight, fetch func(
 		f.err = fmt.Errorf("cache fetch %s: %w", d, ErrDigestMismatch)
 	default:
 		f.b = b
-		if err := s.put(d, b); err != nil && !errors.Is(err, ErrClosed) {
+		if err := s.put(d, b, true); err != nil && !errors.Is(err, ErrClosed) {
 			// The bytes are verified: serve them even if disk failed.
 			msg := "store fetched chunk"
 			if errors.Is(err, syscall.ENOSPC) {

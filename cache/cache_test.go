@@ -718,3 +718,44 @@ func TestRemoveSparesPinned(t *testing.T) {
 		t.Errorf("Size=%d Len=%d after Remove, want %d and 1", s.Size(), s.Len(), n)
 	}
 }
+
+// TestPutColdSparesMemory: chunks of a background fetch go to disk only, so
+// the chunks being read stay in memory however much passes through.
+func TestPutColdSparesMemory(t *testing.T) {
+	s := openStore(t, Options{MemoryBytes: 64 << 10})
+	hot, hotD := chunk("hot", 32<<10)
+	if err := s.Put(hotD, hot); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 8 {
+		b, d := chunk(fmt.Sprintf("cold-%d", i), 32<<10)
+		if err := s.PutCold(d, b); err != nil {
+			t.Fatal(err)
+		}
+		if !s.Has(d) {
+			t.Fatalf("cold chunk %d not stored", i)
+		}
+	}
+	if got, ok := s.Get(hotD); !ok || !bytes.Equal(got, hot) {
+		t.Fatal("hot chunk lost")
+	}
+	if st := s.Stats(); st.MemoryHits != 1 || st.DiskHits != 0 {
+		t.Errorf("stats %+v: want the hot chunk still served from memory after 256 KiB of cold chunks", st)
+	}
+	// A cold pass over every chunk reads them right and leaves memory alone.
+	for i := range 8 {
+		b, d := chunk(fmt.Sprintf("cold-%d", i), 32<<10)
+		if got, ok := s.GetCold(d); !ok || !bytes.Equal(got, b) {
+			t.Fatalf("GetCold of cold chunk %d failed", i)
+		}
+	}
+	s.Get(hotD)
+	if st := s.Stats(); st.MemoryHits != 2 || st.DiskHits != 8 {
+		t.Errorf("stats %+v: want 8 cold reads from disk and the hot chunk still in memory", st)
+	}
+	bad, d := chunk("bad", 1024)
+	bad[0] ^= 1
+	if err := s.PutCold(d, bad); !errors.Is(err, ErrDigestMismatch) {
+		t.Errorf("PutCold of altered bytes: %v; want ErrDigestMismatch", err)
+	}
+}

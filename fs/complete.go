@@ -79,7 +79,7 @@ func (st *layerState) verify(ctx context.Context) error {
 		if c.Offset != pos {
 			return st.markBad(fmt.Sprintf("chunk %d starts at %d, want %d", i, c.Offset, pos))
 		}
-		b, ok := st.m.opts.Cache.Get(c.Digest)
+		b, ok := st.m.opts.Cache.GetCold(c.Digest)
 		if !ok {
 			return errChunksMissing
 		}

@@ -156,8 +156,12 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	if err != nil {
 		return nil, err
 	}
+	put := r.cache.Put
+	if why == causeBackground {
+		put = r.cache.PutCold // not read now: keep the memory cache for reads
+	}
 	for i, c := range cs {
-		if err := r.cache.Put(c.Digest, bs[i]); err != nil {
+		if err := put(c.Digest, bs[i]); err != nil {
 			r.log.WithError(err).WithField("chunk", c.Digest).Warn("cache chunk")
 		}
 	}

@@ -54,7 +54,9 @@ func serveMetrics(addr string, ready func() bool) (stop func(), err error) {
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// IdleTimeout: a client that drops its keep-alive connections without
+	// closing them must not hold the daemon's descriptors and goroutines.
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -29,6 +29,12 @@ test: deps vet
 	$(MAKE) --no-print-directory fuzz-short
 	$(GO) test $(GOFLAGS_TEST) -timeout 12m ./integration/...
 
+# The node soak at full length (integration/load_test.go, docs/performance.md):
+# containers read streamed images for 30 minutes while the registry is
+# unreachable 10 s of every minute. `make test` runs it for 60 s.
+soak: deps
+	STREAMER_SOAK_DURATION=30m $(GO) test $(GOFLAGS_TEST) -timeout 45m -v -run '^TestNodeSoak$$' ./integration/
+
 # Reliability and security suite: fault injection between the node and the
 # registry, damaged cache, full disk, hostile artifacts, then every fuzz
 # target of remote data for 10 s.

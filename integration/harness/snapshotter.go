@@ -174,6 +174,9 @@ func (s *Snapshotter) Restart() error {
 	return s.Start()
 }
 
+// PID is the process id of the running daemon (the last one started).
+func (s *Snapshotter) PID() int { return s.proc.PID() }
+
 // Exited reports whether the daemon has exited.
 func (s *Snapshotter) Exited() bool { ok, _ := s.proc.Exited(); return ok }
 

@@ -51,16 +51,7 @@ func TestNodeBackgroundFetchIndependence(t *testing.T) {
 		sock := filepath.Join(n.dir, "metrics.sock")
 		n.cfg.Background = new(true)
 		n.cfg.MetricsAddress = sock
-		cfg, err := n.cfg.TOML()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(n.sn.ConfigPath, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := n.sn.Restart(); err != nil {
-			t.Fatal(err)
-		}
+		n.reconfigure(t)
 
 		unread := harness.RandomBytes(81, 12<<20)
 		web, err := harness.WebImage("independent", 0, []harness.File{

@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
 
 	"github.com/streamer-dev/streamer/fs"
 	"github.com/streamer-dev/streamer/integration/harness"
@@ -66,16 +65,7 @@ func (n *node) withMetrics(t *testing.T, background bool) *http.Client {
 	sock := filepath.Join(n.dir, "metrics.sock")
 	n.cfg.Background = new(background)
 	n.cfg.MetricsAddress = sock
-	cfg, err := n.cfg.TOML()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(n.sn.ConfigPath, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.sn.Restart(); err != nil {
-		t.Fatal(err)
-	}
+	n.reconfigure(t)
 	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", sock)
@@ -594,25 +584,6 @@ func makeSoakImage(t *testing.T, ctx context.Context, n *node, name string, seed
 	return im
 }
 
-// dropFUSEPageCache evicts the page cache of every data file in the node's
-// layer mounts, so the next reads reach the FUSE server.
-func dropFUSEPageCache(n *node) {
-	for _, mp := range n.fuseMounts() {
-		ents, err := os.ReadDir(filepath.Join(mp, "data"))
-		if err != nil {
-			continue
-		}
-		for _, e := range ents {
-			f, err := os.Open(filepath.Join(mp, "data", e.Name()))
-			if err != nil {
-				continue
-			}
-			_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
-			f.Close()
-		}
-	}
-}
-
 // soakReader is a container reading one image in a loop.
 type soakReader struct {
 	image int
@@ -678,7 +649,7 @@ func TestNodeSoak(t *testing.T) {
 	// The sampler also drops the layer files' page cache, and notes when
 	// the status API first shows an image complete.
 	trackStatus := func(ctx context.Context) {
-		dropFUSEPageCache(n)
+		dropLayerCaches(n)
 		layers, err := layerStatus(ctx, metrics)
 		if err != nil {
 			return

@@ -99,6 +99,21 @@ func startNodeOn(t *testing.T, rt harness.ContainerdRuntime) *node {
 	return n
 }
 
+// reconfigure writes n.cfg as the snapshotter's config and restarts it.
+func (n *node) reconfigure(t *testing.T) {
+	t.Helper()
+	cfg, err := n.cfg.TOML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(n.sn.ConfigPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.sn.Restart(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // docsContainerdConfig is the documented node config, when it exists.
 func docsContainerdConfig(t *testing.T) string {
 	t.Helper()

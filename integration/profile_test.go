@@ -32,16 +32,7 @@ func profileNode(t *testing.T) (*node, string) {
 	n := startNode(t)
 	sock := filepath.Join(n.dir, "metrics.sock")
 	n.cfg.MetricsAddress = sock
-	cfg, err := n.cfg.TOML()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(n.sn.ConfigPath, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.sn.Restart(); err != nil {
-		t.Fatal(err)
-	}
+	n.reconfigure(t)
 	// containerd's proxy connection to the restarted daemon may fail its
 	// first call: wait until a call through it succeeds.
 	cl := n.cd.Client(t)

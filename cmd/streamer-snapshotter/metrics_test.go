@@ -12,6 +12,15 @@ import (
 	"time"
 )
 
+// unixClient is an HTTP client of the unix socket sock.
+func unixClient(t *testing.T, sock string) *http.Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 5 * time.Second}
+}
+
 // TestReadyz: /readyz follows the ready function (503 until the snapshots
 // API serves, 200 after, 503 again while shutting down); /healthz answers
 // throughout.
@@ -23,11 +32,7 @@ func TestReadyz(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(stop)
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-	}}
-	t.Cleanup(tr.CloseIdleConnections)
-	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	client := unixClient(t, sock)
 	get := func(path string) (int, string) {
 		t.Helper()
 		resp, err := client.Get("http://metrics" + path)
@@ -101,11 +106,7 @@ func TestStatusOnlyOnUnixSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(stopUnix)
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
-	}}
-	t.Cleanup(tr.CloseIdleConnections)
-	unix := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	unix := unixClient(t, sock)
 	// No filesystem runs in this test: the endpoint answers that, not 403.
 	if code, body := get(unix, "http://metrics/status"); code == http.StatusForbidden || code == http.StatusNotFound {
 		t.Errorf("unix /status: %d %q; want it served", code, body)

@@ -355,15 +355,19 @@ func (m *Manager) remoteLayer(ctx context.Context, layer digest.Digest, labels m
 		return rec, nil, fmt.Errorf("%w: artifact of %s has no layer %s", ErrNotStreamable, manifest, layer)
 	}
 	m.warmUp(ref, art, layer, log)
-	v, err, _ := m.tocs.Do(layer.String(), func() (any, error) {
-		rec, f, err := m.fetchTOC(ctx, ref, l)
-		return warmTOC{rec: rec, fetchedTOC: f}, err
-	})
-	if err != nil {
+	if err := m.fetchTOCOnce(ctx, ref, l); err != nil {
 		return rec, nil, err
 	}
-	m.warm.take(layer) // fetched by the warm-up while this mount waited
-	w := v.(warmTOC)
+	w, ok := m.warm.take(layer)
+	if !ok {
+		// Another mount of the same layer took it meanwhile (rare): fetch
+		// it again rather than depend on that mount's progress.
+		rec, f, err := m.fetchTOC(ctx, ref, l)
+		if err != nil {
+			return rec, nil, err
+		}
+		w = warmTOC{rec: rec, fetchedTOC: f}
+	}
 	if err := m.storeLayer(layer, w.rec, w.raw); err != nil {
 		return rec, nil, err
 	}
@@ -399,20 +403,26 @@ func (m *Manager) warmUp(ref fetcher.Ref, art *artifact.Manifest, current digest
 			defer func() { <-sem }()
 			ctx, cancel := context.WithTimeout(m.warmCtx, warmTimeout)
 			defer cancel()
-			v, err, shared := m.tocs.Do(l.Original.String(), func() (any, error) {
-				rec, f, err := m.fetchTOC(ctx, ref, l)
-				return warmTOC{rec: rec, fetchedTOC: f}, err
-			})
-			if err != nil {
+			if err := m.fetchTOCOnce(ctx, ref, l); err != nil {
 				// The layer's mount fetches it again and reports.
 				log.WithError(err).WithFields(logrus.Fields{"op": "warm-toc", "layer": l.Original}).Debug("TOC not fetched ahead")
-				return
-			}
-			if !shared {
-				m.warm.put(l.Original, v.(warmTOC))
 			}
 		})
 	}
+}
+
+// fetchTOCOnce fetches and checks a layer's TOC, once however many ask at
+// the same time (its mount, the warm-up of its image), and leaves it in
+// m.warm for the layer's mount to take.
+func (m *Manager) fetchTOCOnce(ctx context.Context, ref fetcher.Ref, l artifact.Layer) error {
+	_, err, _ := m.tocs.Do(l.Original.String(), func() (any, error) {
+		rec, f, err := m.fetchTOC(ctx, ref, l)
+		if err == nil {
+			m.warm.put(l.Original, warmTOC{rec: rec, fetchedTOC: f})
+		}
+		return nil, err
+	})
+	return err
 }
 
 // fetchTOC fetches and checks a layer's TOC.

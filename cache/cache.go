@@ -291,11 +291,8 @@ func (s *Store) Has(d digest.Digest) bool {
 // Put stores b as chunk d after checking that b hashes to d. It keeps its
 // own copy of b. A chunk larger than MaxBytes is kept in memory only.
 func (s *Store) Put(d digest.Digest, b []byte) error {
-	if err := d.Validate(); err != nil {
-		return fmt.Errorf("cache put %q: %w", d, err)
-	}
-	if !verify(d, b) {
-		return fmt.Errorf("cache put %s: %w", d, ErrDigestMismatch)
+	if err := checkPut(d, b); err != nil {
+		return err
 	}
 	return s.put(d, append([]byte(nil), b...), true)
 }
@@ -304,13 +301,21 @@ func (s *Store) Put(d digest.Digest, b []byte) error {
 // on disk only, so that the memory cache keeps the chunks being read
 // rather than fill with a whole layer passing through. Verified as Put.
 func (s *Store) PutCold(d digest.Digest, b []byte) error {
+	if err := checkPut(d, b); err != nil {
+		return err
+	}
+	return s.put(d, b, false)
+}
+
+// checkPut checks that d is a valid digest and b hashes to it.
+func checkPut(d digest.Digest, b []byte) error {
 	if err := d.Validate(); err != nil {
 		return fmt.Errorf("cache put %q: %w", d, err)
 	}
 	if !verify(d, b) {
 		return fmt.Errorf("cache put %s: %w", d, ErrDigestMismatch)
 	}
-	return s.put(d, b, false)
+	return nil
 }
 
 // put stores verified bytes, which the store then owns and shares.

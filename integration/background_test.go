@@ -3,7 +3,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"net"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,26 +15,38 @@ import (
 	"github.com/streamer-dev/streamer/integration/harness"
 )
 
-// nodeStatus reads GET /status from the snapshotter's metrics socket.
-func nodeStatus(ctx context.Context, sock string) ([]fs.LayerStatus, error) {
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}}}
+// withMetrics restarts the node's snapshotter with its metrics and status
+// served on a unix socket, and background fetch on or off. It returns a
+// client of that socket.
+func (n *node) withMetrics(t *testing.T, background bool) *http.Client {
+	t.Helper()
+	sock := filepath.Join(n.dir, "metrics.sock")
+	n.cfg.Background = new(background)
+	n.cfg.MetricsAddress = sock
+	n.reconfigure(t)
+	client := harness.UnixHTTPClient(sock)
+	t.Cleanup(client.CloseIdleConnections)
+	return client
+}
+
+// layerStatus reads the snapshotter's GET /status.
+func layerStatus(ctx context.Context, client *http.Client) ([]fs.LayerStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/status", nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("get status: %w", err)
 	}
 	defer resp.Body.Close()
 	var st struct {
 		Layers []fs.LayerStatus `json:"layers"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("decode status: %w", err)
 	}
 	return st.Layers, nil
 }
@@ -48,10 +60,8 @@ func TestNodeBackgroundFetchIndependence(t *testing.T) {
 		n := startNodeOn(t, rt)
 		ctx := testContext(t, 4*time.Minute)
 		// The node tests run with background fetch off; turn it on here.
-		sock := filepath.Join(n.dir, "metrics.sock")
-		n.cfg.Background = new(true)
-		n.cfg.MetricsAddress = sock
-		n.reconfigure(t)
+		metrics := n.withMetrics(t, true)
+		sock := n.cfg.MetricsAddress
 
 		unread := harness.RandomBytes(81, 12<<20)
 		web, err := harness.WebImage("independent", 0, []harness.File{
@@ -69,7 +79,7 @@ func TestNodeBackgroundFetchIndependence(t *testing.T) {
 		var layers []fs.LayerStatus
 		deadline := time.Now().Add(60 * time.Second)
 		for {
-			layers, err = nodeStatus(ctx, sock)
+			layers, err = layerStatus(ctx, metrics)
 			complete := 0
 			for _, l := range layers {
 				if l.Image == ref && l.Complete {

@@ -3,10 +3,8 @@ package integration
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,7 +17,6 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/streamer-dev/streamer/fs"
 	"github.com/streamer-dev/streamer/integration/harness"
 )
 
@@ -55,45 +52,6 @@ func envInt(t *testing.T, name string, def int) int {
 		t.Fatalf("%s=%q: want a positive integer", name, v)
 	}
 	return n
-}
-
-// withMetrics restarts the node's snapshotter with its metrics and status
-// served on a unix socket, and background fetch on or off. It returns a
-// client of that socket.
-func (n *node) withMetrics(t *testing.T, background bool) *http.Client {
-	t.Helper()
-	sock := filepath.Join(n.dir, "metrics.sock")
-	n.cfg.Background = new(background)
-	n.cfg.MetricsAddress = sock
-	n.reconfigure(t)
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}}}
-	t.Cleanup(client.CloseIdleConnections)
-	return client
-}
-
-// layerStatus reads the snapshotter's GET /status.
-func layerStatus(ctx context.Context, client *http.Client) ([]fs.LayerStatus, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/status", nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("get status: %w", err)
-	}
-	defer resp.Body.Close()
-	var st struct {
-		Layers []fs.LayerStatus `json:"layers"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, fmt.Errorf("decode status: %w", err)
-	}
-	return st.Layers, nil
 }
 
 // scrapeMetric reads one unlabelled metric from the snapshotter's /metrics.

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -57,10 +56,8 @@ func profileNode(t *testing.T) (*node, string) {
 
 // nodeProfile reads GET /profile?image= from the snapshotter's socket.
 func nodeProfile(ctx context.Context, sock, image string) ([]string, error) {
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
-	}}}
+	client := harness.UnixHTTPClient(sock)
+	defer client.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/profile?image="+url.QueryEscape(image), nil)
 	if err != nil {
 		return nil, err

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"sort"
 	"strings"
@@ -193,17 +192,8 @@ func ShortDigests(ds []digest.Digest) string {
 	return strings.Join(s, ", ")
 }
 
-// snapshotterClient is an HTTP client for the snapshotter's metrics
-// socket.
-func snapshotterClient(socket string) *http.Client {
-	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", socket)
-	}}, Timeout: 5 * time.Second}
-}
-
 // FetchStatus gets GET /status from the snapshotter c reaches (see
-// snapshotterClient).
+// harness.UnixHTTPClient).
 func FetchStatus(ctx context.Context, c *http.Client) (*SnapshotterStatus, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/status", nil)
 	if err != nil {

@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"errors"
+	"github.com/streamer-dev/streamer/integration/harness"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -214,7 +215,7 @@ func TestFetchStatus(t *testing.T) {
 	})}
 	go srv.Serve(l)
 	defer srv.Close()
-	c := snapshotterClient(sock)
+	c := harness.UnixHTTPClient(sock)
 	st, err := FetchStatus(context.Background(), c)
 	if err != nil {
 		t.Fatal(err)

@@ -594,7 +594,8 @@ func (n *node) onDemandBytes(ctx context.Context) (int64, error) {
 	if n.metrics == "" {
 		return -1, nil
 	}
-	client := snapshotterClient(n.metrics)
+	client := harness.UnixHTTPClient(n.metrics)
+	defer client.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/metrics", nil)
 	if err != nil {
 		return -1, err
@@ -860,7 +861,7 @@ func (b *bench) completePoll(n *node, pods []*podRun) CompletePoll {
 		}
 		images = append(images, im)
 	}
-	client := snapshotterClient(n.metrics)
+	client := harness.UnixHTTPClient(n.metrics)
 	return CompletePoll{
 		Status:   func(ctx context.Context) (*SnapshotterStatus, error) { return FetchStatus(ctx, client) },
 		Images:   images,

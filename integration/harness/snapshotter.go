@@ -3,6 +3,8 @@ package harness
 import (
 	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -182,3 +184,13 @@ func (s *Snapshotter) Exited() bool { ok, _ := s.proc.Exited(); return ok }
 
 // LogTail is the end of the daemon's log.
 func (s *Snapshotter) LogTail(n int) string { return FileTail(s.LogPath, n) }
+
+// UnixHTTPClient is an HTTP client of the unix socket at socket (the
+// snapshotter's metrics address: /metrics, /status, /profile); any host
+// name in a URL reaches it. Requests time out after 5 s.
+func UnixHTTPClient(socket string) *http.Client {
+	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}, Timeout: 5 * time.Second}
+}

@@ -16,7 +16,6 @@ import (
 	"github.com/containerd/containerd"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/snapshots"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -181,20 +180,10 @@ func checkMounts(t *testing.T, ctx context.Context, n *node, what string) int {
 
 // dropLayerCaches evicts the files of every layer's /data from the page
 // cache, so that the next reads of the containers reach the FUSE server.
+// Layers without /data, or files that go away meanwhile, are skipped.
 func dropLayerCaches(n *node) {
 	for _, mp := range n.fuseMounts() {
-		ents, err := os.ReadDir(filepath.Join(mp, "data"))
-		if err != nil {
-			continue
-		}
-		for _, e := range ents {
-			f, err := os.Open(filepath.Join(mp, "data", e.Name()))
-			if err != nil {
-				continue
-			}
-			_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
-			f.Close()
-		}
+		_ = evictDir(filepath.Join(mp, "data"))
 	}
 }
 

@@ -41,14 +41,15 @@ type Cache struct {
 
 // Fetch configures how chunks are fetched.
 type Fetch struct {
-	Concurrency int      `toml:"concurrency" comment:"Concurrent range requests per registry host."`
-	MaxCoalesce Size     `toml:"max_coalesce" comment:"Largest range request made by merging adjacent chunks."`
-	Timeout     Duration `toml:"timeout" comment:"Time limit of one HTTP request, as a Go duration (\"30s\", \"1m\")."`
-	ReadTimeout Duration `toml:"read_timeout" comment:"Time limit of one read through the filesystem, retries included; past it the read fails with EIO."`
-	Retries     int      `toml:"retries" comment:"Retries of a failed request (network error, 5xx, 429)."`
-	Prefetch    bool     `toml:"prefetch" comment:"Fetch the files of a layer's prefetch list (read at startup) first, as soon as it mounts."`
-	Readahead   Size     `toml:"readahead" comment:"With background fetch on, each on-demand fetch also starts the fetch of up to this many bytes of the chunks after it, ahead of other background work (files next to each other in a layer are read together); 0 turns it off."`
-	PrefetchGap Size     `toml:"prefetch_gap" comment:"Prefetch merges the chunks of listed files into requests of up to max_coalesce, bridging up to this many bytes of unlisted chunks between them (one round trip costs about the link's rate times its delay in bytes); 0 merges only adjacent chunks."`
+	Concurrency   int      `toml:"concurrency" comment:"Concurrent range requests per registry host."`
+	MaxCoalesce   Size     `toml:"max_coalesce" comment:"Largest range request made by merging adjacent chunks."`
+	Timeout       Duration `toml:"timeout" comment:"Time limit of one HTTP request, as a Go duration (\"30s\", \"1m\")."`
+	ReadTimeout   Duration `toml:"read_timeout" comment:"Time limit of one read through the filesystem, retries included; past it the read fails with EIO."`
+	Retries       int      `toml:"retries" comment:"Retries of a failed request (network error, 5xx, 429)."`
+	Prefetch      bool     `toml:"prefetch" comment:"Fetch the files of a layer's prefetch list (read at startup) first, as soon as it mounts."`
+	Readahead     Size     `toml:"readahead" comment:"With background fetch on, each on-demand fetch also starts the fetch of up to this many bytes of the chunks after it, ahead of other background work (files next to each other in a layer are read together); 0 turns it off."`
+	PageCachePush bool     `toml:"page_cache_push" comment:"With prefetch on, when a process first opens a listed file of at least 1 MiB, write the whole file into the kernel's page cache, so that its page faults (the code of shared libraries) are served by the kernel instead of each going through the filesystem."`
+	PrefetchGap   Size     `toml:"prefetch_gap" comment:"Prefetch merges the chunks of listed files into requests of up to max_coalesce, bridging up to this many bytes of unlisted chunks between them (one round trip costs about the link's rate times its delay in bytes); 0 merges only adjacent chunks."`
 	// Background, BackgroundConcurrency and BackgroundRateLimit shape the
 	// fetch of whole layers after mount, so that the node stops needing
 	// the registry; on-demand reads always go first.
@@ -91,14 +92,15 @@ func DefaultDaemon() Daemon {
 			MemoryBytes: 64 * MiB,
 		},
 		Fetch: Fetch{
-			Concurrency: 8,
-			MaxCoalesce: 4 * MiB,
-			Timeout:     Duration(30 * time.Second),
-			ReadTimeout: Duration(60 * time.Second),
-			Retries:     3,
-			Prefetch:    true,
-			PrefetchGap: 1 * MiB,
-			Readahead:   2 * MiB,
+			Concurrency:   8,
+			MaxCoalesce:   4 * MiB,
+			Timeout:       Duration(30 * time.Second),
+			ReadTimeout:   Duration(60 * time.Second),
+			Retries:       3,
+			Prefetch:      true,
+			PageCachePush: true,
+			PrefetchGap:   1 * MiB,
+			Readahead:     2 * MiB,
 
 			Background:            true,
 			BackgroundConcurrency: 4,

@@ -74,6 +74,10 @@ type Options struct {
 	FSName string
 	// Debug logs every FUSE request.
 	Debug bool
+	// Push writes each file of the layer's prefetch list at least 1 MiB
+	// large into the kernel's page cache when a process first opens it
+	// (see push.go).
+	Push bool
 	// Holder keeps the mount's /dev/fuse descriptor across restarts of
 	// the daemon. Default: the one set by SetDefaultHolder, if any.
 	Holder Holder
@@ -106,6 +110,9 @@ type Stats struct {
 	Reads       int64 // FUSE read requests answered with data
 	BytesServed int64 // bytes returned by those reads
 	Errors      int64 // reads that failed (EIO or EINTR)
+	// PushedFiles and PushedBytes count the listed files written whole,
+	// and the bytes written, into the kernel's page cache (Options.Push).
+	PushedFiles, PushedBytes int64
 }
 
 // layer is the state shared by all nodes of one mounted layer.
@@ -120,10 +127,15 @@ type layer struct {
 
 	reads, bytes, errors atomic.Int64
 	failures             failures
+	push                 *pusher // nil: no listed file is pushed (set by newRawFS)
 }
 
 func (l *layer) stats() Stats {
-	return Stats{Reads: l.reads.Load(), BytesServed: l.bytes.Load(), Errors: l.errors.Load()}
+	s := Stats{Reads: l.reads.Load(), BytesServed: l.bytes.Load(), Errors: l.errors.Load()}
+	if l.push != nil {
+		s.PushedFiles, s.PushedBytes = l.push.files.Load(), l.push.bytes.Load()
+	}
+	return s
 }
 
 // NewRoot returns the root node of the filesystem of one layer, for

@@ -66,6 +66,10 @@ type ManagerOptions struct {
 	// Prefetch fetches the files of a layer's prefetch list first, as
 	// soon as it mounts.
 	Prefetch bool
+	// PageCachePush, with Prefetch, writes each listed file of at least
+	// 1 MiB into the kernel's page cache when a process first opens it
+	// (fs.Options.Push).
+	PageCachePush bool
 	// PrefetchGap is the largest run of unlisted compressed bytes a
 	// prefetch request bridges to merge the chunks of two listed files
 	// into one request; 0 merges only back-to-back chunks.
@@ -274,6 +278,7 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 	}
 	mnt, err := Mount(mountpoint, toc, reader, Options{
 		ReadTimeout: m.opts.ReadTimeout,
+		Push:        m.opts.Prefetch && m.opts.PageCachePush,
 		Logger:      log,
 		FSName:      "streamer:" + layer.Encoded()[:12],
 	})

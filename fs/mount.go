@@ -59,6 +59,7 @@ func Mount(mountpoint string, toc *artifact.TOC, r ChunkReader, opts Options) (*
 		}
 		if c != nil {
 			m.conn, m.held = c, true
+			fs.setConn(c)
 			register(m)
 			log.WithFields(logrus.Fields{"op": "resume", "took": time.Since(start)}).Info("took over live layer mount")
 			return m, nil
@@ -69,6 +70,7 @@ func Mount(mountpoint string, toc *artifact.TOC, r ChunkReader, opts Options) (*
 		return nil, fmt.Errorf("mount layer %s on %s: %w", toc.Layer, mountpoint, err)
 	}
 	m.conn = c
+	fs.setConn(c)
 	if h != nil {
 		err := func() error {
 			f, err := c.file()

@@ -56,6 +56,9 @@ func newRawFS(toc *artifact.TOC, r ChunkReader, opts Options) (*rawFS, error) {
 		}
 	}
 	index(root.tree.root)
+	if l.opts.Push {
+		l.push = newPusher(toc, fs.nodes)
+	}
 	return fs, nil
 }
 
@@ -205,6 +208,7 @@ func (fs *rawFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut
 	}
 	out.Fh = 0
 	out.OpenFlags = fuse.FOPEN_KEEP_CACHE
+	fs.opened(n)
 	return fuse.OK
 }
 

@@ -60,6 +60,7 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 
 		Prefetch:              cfg.Fetch.Prefetch,
 		PrefetchGap:           int64(cfg.Fetch.PrefetchGap),
+		PageCachePush:         cfg.Fetch.PageCachePush,
 		Readahead:             int64(cfg.Fetch.Readahead),
 		Background:            cfg.Fetch.Background,
 		BackgroundConcurrency: cfg.Fetch.BackgroundConcurrency,

@@ -1,0 +1,154 @@
+package fs
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/streamer-dev/streamer/artifact"
+)
+
+// Pushing listed files into the page cache.
+//
+// A program maps its shared libraries and takes their code pages as it
+// first runs each path: on a pulled image those faults are served by the
+// page cache (the files were just written), on a FUSE mount each one is a
+// request to this daemon, at a time the daemon may be busy with the
+// background fetch. The first requests a service answers run code paths
+// its startup did not, so they pay for many such faults. When a process
+// first opens a large file of the layer's prefetch list, the filesystem
+// therefore writes the whole file into the kernel's page cache with
+// FUSE_NOTIFY_STORE, from the chunks the prefetch fetched: later faults
+// and reads of it are served by the kernel, as on a pulled image.
+const (
+	// notifyStore is FUSE_NOTIFY_STORE (include/uapi/linux/fuse.h).
+	notifyStore = 4
+	// notifyStoreOutSize is struct fuse_notify_store_out: nodeid,
+	// offset, size, padding.
+	notifyStoreOutSize = 24
+	// pushMin is the smallest file pushed: a smaller one is read whole
+	// by one FUSE request anyway (the kernel's read-ahead is maxIO).
+	pushMin = maxIO
+	// pushConcurrency bounds the files of one layer pushed at once.
+	pushConcurrency = 2
+)
+
+// pusher pushes a layer's listed files into the page cache, each once,
+// when first opened.
+type pusher struct {
+	listed map[uint64]*atomic.Bool // inode of a listed file -> pushed (or pushing)
+	sem    chan struct{}
+	conn   atomic.Pointer[conn]
+	bytes  atomic.Int64 // bytes written into the page cache
+	files  atomic.Int64 // files pushed whole
+}
+
+// newPusher returns the pusher of the files of toc's prefetch list at
+// least pushMin bytes large, found among nodes; nil when there are none.
+func newPusher(toc *artifact.TOC, nodes []*tnode) *pusher {
+	if len(toc.Prefetch) == 0 {
+		return nil
+	}
+	names := make(map[string]bool, len(toc.Prefetch))
+	for _, p := range toc.Prefetch {
+		if name, ok := cleanName(p); ok {
+			names[name] = true
+		}
+	}
+	p := &pusher{listed: map[uint64]*atomic.Bool{}, sem: make(chan struct{}, pushConcurrency)}
+	for _, n := range nodes {
+		if n == nil || n.kind != unix.S_IFREG || n.entry == nil || n.entry.Size < pushMin {
+			continue
+		}
+		if name, ok := cleanName(n.entry.Name); ok && names[name] {
+			p.listed[n.ino] = new(atomic.Bool)
+		}
+	}
+	if len(p.listed) == 0 {
+		return nil
+	}
+	return p
+}
+
+// opened starts pushing n if it is listed and not pushed yet.
+func (fs *rawFS) opened(n *tnode) {
+	p := fs.layer.push
+	if p == nil {
+		return
+	}
+	done, ok := p.listed[n.ino]
+	if !ok || !done.CompareAndSwap(false, true) {
+		return
+	}
+	go fs.pushFile(n)
+}
+
+// noRecord marks reads that are not the workload's own (pushes), so that
+// they stay out of the image's startup profile.
+type noRecord struct{}
+
+// pushFile writes n's bytes into the kernel's page cache, maxIO at a time.
+// Chunks not fetched yet are fetched as a read of the file would fetch
+// them: the process that opened it is about to read it. It stops at the
+// first failure; the file is then read through FUSE as usual.
+func (fs *rawFS) pushFile(n *tnode) {
+	l := fs.layer
+	p := l.push
+	p.sem <- struct{}{}
+	defer func() { <-p.sem }()
+	log := l.log.WithFields(logrus.Fields{"op": "push", "file": n.entry.Name})
+	start := time.Now()
+	ctx := context.WithValue(context.Background(), noRecord{}, true)
+	buf := make([]byte, maxIO)
+	size := n.entry.Size
+	for off := int64(0); off < size; off += maxIO {
+		k := min(maxIO, size-off)
+		data, _, err := l.readRange(ctx, 0, n.entry.Offset+off, k, buf)
+		if err != nil {
+			log.WithError(err).Debug("page cache push stopped: read failed")
+			return
+		}
+		c := p.conn.Load()
+		if c == nil {
+			return
+		}
+		if err := c.notifyStore(n.ino, off, data); err != nil {
+			// ENOENT: the kernel forgot the inode; ENODEV: unmounted.
+			log.WithError(err).Debug("page cache push stopped")
+			return
+		}
+		p.bytes.Add(k)
+	}
+	p.files.Add(1)
+	log.WithFields(logrus.Fields{"bytes": size, "took": time.Since(start)}).Debug("file pushed into the page cache")
+}
+
+// notifyStore writes data into the page cache of node id at offset off.
+func (c *conn) notifyStore(id uint64, off int64, data []byte) error {
+	var h [outHeaderSize + notifyStoreOutSize]byte
+	binary.LittleEndian.PutUint32(h[0:4], uint32(len(h)+len(data)))
+	binary.LittleEndian.PutUint32(h[4:8], notifyStore) // unique 0: a notification
+	binary.LittleEndian.PutUint64(h[16:24], id)
+	binary.LittleEndian.PutUint64(h[24:32], uint64(off))
+	binary.LittleEndian.PutUint32(h[32:36], uint32(len(data)))
+	n, err := unix.Writev(c.fd(), [][]byte{h[:], data})
+	if err != nil {
+		return fmt.Errorf("FUSE_NOTIFY_STORE of %d bytes at %d into node %d: %w", len(data), off, id, err)
+	}
+	if n != len(h)+len(data) {
+		return fmt.Errorf("FUSE_NOTIFY_STORE of %d bytes at %d into node %d: short write (%d bytes)", len(data), off, id, n)
+	}
+	return nil
+}
+
+// setConn makes c the connection pushes are written to.
+func (fs *rawFS) setConn(c *conn) {
+	if fs.layer.push != nil {
+		fs.layer.push.conn.Store(c)
+	}
+}

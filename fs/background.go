@@ -212,6 +212,7 @@ type task struct {
 // work is a background worker's loop.
 func (p *hostPool) work() {
 	ctx := p.s.ctx
+	th := lockWorkerThread()
 	for {
 		t, wake, wait := p.next()
 		if t == nil {
@@ -227,6 +228,7 @@ func (p *hostPool) work() {
 			}
 			continue
 		}
+		th.setLow(t.verify || t.why == causeBackground)
 		p.run(t)
 	}
 }

@@ -1,0 +1,81 @@
+package fs
+
+import (
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Background work (fetching the rest of every layer and checking it
+// against its diffID) decompresses and hashes hundreds of MiB, on the
+// same CPUs the node's containers need right after they start: their
+// first requests would wait for it. So each background worker runs on a
+// thread of its own (Go creates new threads from a clean one, never by
+// cloning a locked thread, so nothing else inherits its priority) whose
+// nice value is raised for background runs and the completion check and
+// set back for prefetch and read-ahead runs, which serve a startup under
+// way. Lowering a nice value again needs CAP_SYS_NICE (the snapshotter
+// runs as root); without it, workers keep the daemon's priority.
+
+// backgroundNice is the nice value of a worker thread during background
+// work: it gets about a tenth of a CPU a busy normal thread would leave
+// it, and all it wants of an idle one.
+const backgroundNice = 10
+
+var (
+	niceOnce sync.Once
+	niceOK   bool
+)
+
+// canRenice reports whether this process can raise a thread's nice value
+// and set it back: it tries once, on a thread of its own.
+func canRenice() bool {
+	niceOnce.Do(func() {
+		done := make(chan bool)
+		go func() {
+			runtime.LockOSThread() // the thread ends with this goroutine
+			tid := unix.Gettid()
+			ok := unix.Setpriority(unix.PRIO_PROCESS, tid, backgroundNice) == nil &&
+				unix.Setpriority(unix.PRIO_PROCESS, tid, 0) == nil
+			done <- ok
+		}()
+		niceOK = <-done
+	})
+	return niceOK
+}
+
+// workerThread is the thread of a background worker; the worker must be
+// locked to it (lockWorkerThread).
+type workerThread struct {
+	tid  int
+	nice int
+	ok   bool
+}
+
+// lockWorkerThread locks the calling goroutine to its thread for the rest
+// of its life and returns the thread, whose nice value setLow changes.
+func lockWorkerThread() *workerThread {
+	if !canRenice() {
+		return &workerThread{}
+	}
+	runtime.LockOSThread() // never unlocked: the thread ends with the worker
+	return &workerThread{tid: unix.Gettid(), ok: true}
+}
+
+// setLow gives the thread the background priority, or the daemon's.
+func (w *workerThread) setLow(low bool) {
+	if !w.ok {
+		return
+	}
+	n := 0
+	if low {
+		n = backgroundNice
+	}
+	if n == w.nice {
+		return
+	}
+	if unix.Setpriority(unix.PRIO_PROCESS, w.tid, n) == nil {
+		w.nice = n
+	}
+}

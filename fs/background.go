@@ -213,6 +213,7 @@ type task struct {
 func (p *hostPool) work() {
 	ctx := p.s.ctx
 	th := lockWorkerThread()
+	defer th.release()
 	for {
 		t, wake, wait := p.next()
 		if t == nil {

@@ -17,6 +17,12 @@ import (
 // set back for prefetch and read-ahead runs, which serve a startup under
 // way. Lowering a nice value again needs CAP_SYS_NICE (the snapshotter
 // runs as root); without it, workers keep the daemon's priority.
+//
+// A locked thread is never left to end with its goroutine: the thread is
+// given back, at the daemon's priority, to the runtime. A child process
+// started with a parent-death signal (Pdeathsig) gets it when the thread
+// that forked it ends, not the process, and any thread may have forked
+// one.
 
 // backgroundNice is the nice value of a worker thread during background
 // work: it gets about a tenth of a CPU a busy normal thread would leave
@@ -34,10 +40,14 @@ func canRenice() bool {
 	niceOnce.Do(func() {
 		done := make(chan bool)
 		go func() {
-			runtime.LockOSThread() // the thread ends with this goroutine
+			runtime.LockOSThread()
 			tid := unix.Gettid()
 			ok := unix.Setpriority(unix.PRIO_PROCESS, tid, backgroundNice) == nil &&
 				unix.Setpriority(unix.PRIO_PROCESS, tid, 0) == nil
+			// Given back even if its nice value stayed raised: a slow
+			// thread is a smaller harm than a child's parent-death
+			// signal.
+			runtime.UnlockOSThread()
 			done <- ok
 		}()
 		niceOK = <-done
@@ -53,14 +63,26 @@ type workerThread struct {
 	ok   bool
 }
 
-// lockWorkerThread locks the calling goroutine to its thread for the rest
-// of its life and returns the thread, whose nice value setLow changes.
+// lockWorkerThread locks the calling goroutine to its thread and returns
+// the thread, whose nice value setLow changes; the worker must call
+// release before it returns.
 func lockWorkerThread() *workerThread {
 	if !canRenice() {
 		return &workerThread{}
 	}
-	runtime.LockOSThread() // never unlocked: the thread ends with the worker
+	runtime.LockOSThread()
 	return &workerThread{tid: unix.Gettid(), ok: true}
+}
+
+// release sets the thread back to the daemon's priority and gives it back
+// to the runtime.
+func (w *workerThread) release() {
+	if !w.ok {
+		return
+	}
+	w.setLow(false)
+	w.ok = false
+	runtime.UnlockOSThread()
 }
 
 // setLow gives the thread the background priority, or the daemon's.

@@ -30,15 +30,14 @@ func threadNice(t *testing.T, tid int) int {
 }
 
 // TestWorkerThreadNice: a worker's thread takes the background nice value
-// and gives it back, and threads the runtime starts while the worker runs
+// and gives it back, the thread outlives the worker, and threads the runtime starts while the worker runs
 // low do not inherit it.
 func TestWorkerThreadNice(t *testing.T) {
 	if !canRenice() {
 		t.Skip("SKIP LOUDLY: this process cannot set a thread's nice value back (needs CAP_SYS_NICE); workers keep the daemon's priority")
 	}
-	type seen struct{ low, back, others int }
+	type seen struct{ low, back, released, others int }
 	res := make(chan seen, 1)
-	release := make(chan struct{})
 	var tid int
 	go func() {
 		th := lockWorkerThread()
@@ -65,13 +64,22 @@ func TestWorkerThreadNice(t *testing.T) {
 		}
 		th.setLow(false)
 		s.back = threadNice(t, tid)
+		th.setLow(true)
+		th.release()
+		s.released = threadNice(t, tid)
 		res <- s
-		<-release
 	}()
 	s := <-res
-	close(release)
-	if s.low != backgroundNice || s.back != 0 {
-		t.Errorf("worker thread nice: %d when low, %d when set back; want %d and 0", s.low, s.back, backgroundNice)
+	// A thread given back lives on: children started with a parent-death
+	// signal from it must not be killed when a worker stops.
+	time.Sleep(50 * time.Millisecond)
+	if _, err := os.Stat(filepath.Join("/proc/self/task", strconv.Itoa(tid))); err != nil {
+		t.Errorf("the worker's thread ended with the worker: %v", err)
+	} else if n := threadNice(t, tid); n != 0 {
+		t.Errorf("the worker's thread was given back with nice %d, want 0", n)
+	}
+	if s.low != backgroundNice || s.back != 0 || s.released != 0 {
+		t.Errorf("worker thread nice: %d when low, %d when set back, %d when released; want %d, 0 and 0", s.low, s.back, s.released, backgroundNice)
 	}
 	if s.others != 0 {
 		t.Errorf("%d other threads run with a raised nice value: the worker's priority leaked", s.others)

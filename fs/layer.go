@@ -78,6 +78,9 @@ type Options struct {
 	// large into the kernel's page cache when a process first opens it
 	// (see push.go).
 	Push bool
+	// PushedBytes, when set, is added the bytes pushed, for a caller
+	// that counts over layers.
+	PushedBytes *atomic.Int64
 	// Holder keeps the mount's /dev/fuse descriptor across restarts of
 	// the daemon. Default: the one set by SetDefaultHolder, if any.
 	Holder Holder

@@ -279,6 +279,7 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 	mnt, err := Mount(mountpoint, toc, reader, Options{
 		ReadTimeout: m.opts.ReadTimeout,
 		Push:        m.opts.Prefetch && m.opts.PageCachePush,
+		PushedBytes: &m.stats.pushedBytes,
 		Logger:      log,
 		FSName:      "streamer:" + layer.Encoded()[:12],
 	})
@@ -757,6 +758,9 @@ type ManagerStats struct {
 	// Fetched bytes by cause: read by the filesystem, prefetch lists,
 	// background fetch of whole layers.
 	OnDemandBytes, PrefetchBytes, BackgroundBytes int64
+	// PushedBytes are bytes of listed files written into the kernel's
+	// page cache (PageCachePush).
+	PushedBytes int64
 	// FetchLatency is the histogram of range request latencies.
 	FetchLatency Histogram
 	// LayersComplete are mounted layers all cached and verified;
@@ -779,6 +783,7 @@ func (m *Manager) Stats() ManagerStats {
 		OnDemandBytes:   m.stats.byCause[causeOnDemand].Load(),
 		PrefetchBytes:   m.stats.byCause[causePrefetch].Load(),
 		BackgroundBytes: m.stats.byCause[causeBackground].Load(),
+		PushedBytes:     m.stats.pushedBytes.Load(),
 		FetchLatency:    m.stats.latency.snapshot(),
 		LayersComplete:  complete,
 		LayersBad:       m.stats.layersBad.Load(),

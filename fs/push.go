@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -23,8 +24,9 @@ import (
 // its startup did not, so they pay for many such faults. When a process
 // first opens a large file of the layer's prefetch list, the filesystem
 // therefore writes the whole file into the kernel's page cache with
-// FUSE_NOTIFY_STORE, from the chunks the prefetch fetched: later faults
-// and reads of it are served by the kernel, as on a pulled image.
+// FUSE_NOTIFY_STORE, from the chunks the prefetch fetched (or fetches):
+// later faults and reads of it are served by the kernel, as on a pulled
+// image.
 const (
 	// notifyStore is FUSE_NOTIFY_STORE (include/uapi/linux/fuse.h).
 	notifyStore = 4
@@ -36,6 +38,10 @@ const (
 	pushMin = maxIO
 	// pushConcurrency bounds the files of one layer pushed at once.
 	pushConcurrency = 2
+	// pushRetry and pushWait: how often, and how long, a push waits for
+	// the prefetch to bring the rest of a file.
+	pushRetry = 100 * time.Millisecond
+	pushWait  = 2 * time.Minute
 )
 
 // pusher pushes a layer's listed files into the page cache, each once,
@@ -44,13 +50,14 @@ type pusher struct {
 	listed map[uint64]*atomic.Bool // inode of a listed file -> pushed (or pushing)
 	sem    chan struct{}
 	conn   atomic.Pointer[conn]
-	bytes  atomic.Int64 // bytes written into the page cache
-	files  atomic.Int64 // files pushed whole
+	bytes  atomic.Int64  // bytes written into the page cache
+	total  *atomic.Int64 // Options.PushedBytes, or nil
+	files  atomic.Int64  // files pushed whole
 }
 
 // newPusher returns the pusher of the files of toc's prefetch list at
 // least pushMin bytes large, found among nodes; nil when there are none.
-func newPusher(toc *artifact.TOC, nodes []*tnode) *pusher {
+func newPusher(toc *artifact.TOC, nodes []*tnode, total *atomic.Int64) *pusher {
 	if len(toc.Prefetch) == 0 {
 		return nil
 	}
@@ -60,7 +67,7 @@ func newPusher(toc *artifact.TOC, nodes []*tnode) *pusher {
 			names[name] = true
 		}
 	}
-	p := &pusher{listed: map[uint64]*atomic.Bool{}, sem: make(chan struct{}, pushConcurrency)}
+	p := &pusher{listed: map[uint64]*atomic.Bool{}, sem: make(chan struct{}, pushConcurrency), total: total}
 	for _, n := range nodes {
 		if n == nil || n.kind != unix.S_IFREG || n.entry == nil || n.entry.Size < pushMin {
 			continue
@@ -92,41 +99,92 @@ func (fs *rawFS) opened(n *tnode) {
 // they stay out of the image's startup profile.
 type noRecord struct{}
 
-// pushFile writes n's bytes into the kernel's page cache, maxIO at a time.
-// Chunks not fetched yet are fetched as a read of the file would fetch
-// them: the process that opened it is about to read it. It stops at the
-// first failure; the file is then read through FUSE as usual.
+// pushFile writes n's bytes into the kernel's page cache, maxIO at a
+// time, from chunks already cached: it never fetches, so it cannot put a
+// large listed file (a JVM's modules image) ahead of the startup's reads.
+// Pieces whose chunks are not cached yet are tried again every pushRetry
+// while the prefetch brings them, for up to pushWait; a piece the process
+// reads first is in the page cache by then anyway. It stops at the first
+// failure; the file is then read through FUSE as usual.
 func (fs *rawFS) pushFile(n *tnode) {
 	l := fs.layer
 	p := l.push
-	p.sem <- struct{}{}
-	defer func() { <-p.sem }()
 	log := l.log.WithFields(logrus.Fields{"op": "push", "file": n.entry.Name})
 	start := time.Now()
 	ctx := context.WithValue(context.Background(), noRecord{}, true)
 	buf := make([]byte, maxIO)
 	size := n.entry.Size
+	var pending []int64
 	for off := int64(0); off < size; off += maxIO {
-		k := min(maxIO, size-off)
-		data, _, err := l.readRange(ctx, 0, n.entry.Offset+off, k, buf)
-		if err != nil {
-			log.WithError(err).Debug("page cache push stopped: read failed")
+		pending = append(pending, off)
+	}
+	for {
+		var later []int64
+		p.sem <- struct{}{}
+		for _, off := range pending {
+			k := min(maxIO, size-off)
+			if !l.cached(n.entry.Offset+off, k) {
+				later = append(later, off)
+				continue
+			}
+			data, _, err := l.readRange(ctx, 0, n.entry.Offset+off, k, buf)
+			if err == nil {
+				if c := p.conn.Load(); c == nil {
+					err = errors.New("no connection")
+				} else {
+					// ENOENT: the kernel forgot the inode; ENODEV:
+					// unmounted.
+					err = c.notifyStore(n.ino, off, data)
+				}
+			}
+			if err != nil {
+				<-p.sem
+				log.WithError(err).WithField("offset", off).Debug("page cache push stopped")
+				return
+			}
+			p.bytes.Add(k)
+			if p.total != nil {
+				p.total.Add(k)
+			}
+		}
+		<-p.sem
+		if pending = later; len(pending) == 0 {
+			break
+		}
+		if time.Since(start) > pushWait {
+			log.WithField("left", int64(len(pending))*maxIO).Debug("page cache push gave up: the file's chunks were not cached in time")
 			return
 		}
-		c := p.conn.Load()
-		if c == nil {
-			return
-		}
-		if err := c.notifyStore(n.ino, off, data); err != nil {
-			// ENOENT: the kernel forgot the inode; ENODEV: unmounted.
-			log.WithError(err).Debug("page cache push stopped")
-			return
-		}
-		p.bytes.Add(k)
+		time.Sleep(pushRetry)
 	}
 	p.files.Add(1)
 	log.WithFields(logrus.Fields{"bytes": size, "took": time.Since(start)}).Debug("file pushed into the page cache")
 }
+
+// cached reports whether the chunks of tar bytes [off, off+n) can be read
+// without the registry; true when the reader keeps no cache of its own.
+func (l *layer) cached(off, n int64) bool {
+	cc, ok := l.reader.(chunkCacher)
+	if !ok {
+		return true
+	}
+	first, last := l.toc.ChunkRange(off, n)
+	for _, c := range l.toc.Chunks[first:last] {
+		if !cc.cached(c) {
+			return false
+		}
+	}
+	return true
+}
+
+// chunkCacher is implemented by readers that keep chunks locally.
+type chunkCacher interface {
+	cached(c artifact.Chunk) bool
+}
+
+func (r *remoteReader) cached(c artifact.Chunk) bool { return r.cache.Has(c.Digest) }
+
+func (rr *recordingReader) cached(c artifact.Chunk) bool { return rr.r.cached(c) }
 
 // notifyStore writes data into the page cache of node id at offset off.
 func (c *conn) notifyStore(id uint64, off int64, data []byte) error {

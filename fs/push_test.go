@@ -2,13 +2,19 @@ package fs_test
 
 import (
 	"bytes"
+	"context"
+	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
+	"github.com/streamer-dev/streamer/artifact"
+	"github.com/streamer-dev/streamer/fetcher"
 	"github.com/streamer-dev/streamer/fs"
 )
 
@@ -107,4 +113,68 @@ func touchMapping(t *testing.T, f *os.File, size int) []byte {
 	}
 	defer unix.Munmap(b)
 	return bytes.Clone(b)
+}
+
+// gatedRegistry holds every range request until open is closed.
+type gatedRegistry struct {
+	*fetcher.Client
+	open    chan struct{}
+	waiting atomic.Int64
+}
+
+func (g *gatedRegistry) ReadRange(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off, n int64) ([]byte, error) {
+	g.waiting.Add(1)
+	select {
+	case <-g.open:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return g.Client.ReadRange(ctx, ref, blob, off, n)
+}
+
+// TestPushWaitsForPrefetch: the push of a listed file fetches nothing
+// itself: it writes the chunks the prefetch brought, once they are there,
+// so a large listed file cannot go ahead of the startup's own reads.
+func TestPushWaitsForPrefetch(t *testing.T) {
+	e := newManagerEnv(t)
+	want := files{"app/lib.so": randomBytes(21, 3<<20+777), "app/other.bin": randomBytes(22, 200<<10)}
+	img := pushStreamedImageTOC(t, e.client, e.proxy.Host, "test/push", want.tar(t), true, func(toc *artifact.TOC) {
+		toc.Prefetch = []string{"app/lib.so"}
+	})
+	g := &gatedRegistry{Client: e.client, open: make(chan struct{})}
+	m := e.managerWith(t, g, func(o *fs.ManagerOptions) {
+		o.Background = false
+		o.PageCachePush = true
+	})
+	dir := managerMount(t, m, img.labels())
+	f, err := os.Open(filepath.Join(dir, "app/lib.so"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	time.Sleep(300 * time.Millisecond) // a push that fetched would be waiting at the gate now
+	if s := m.Stats(); s.PushedBytes != 0 {
+		t.Fatalf("%d bytes pushed before any chunk was fetched", s.PushedBytes)
+	}
+	if g.waiting.Load() == 0 {
+		t.Fatal("the prefetch made no request")
+	}
+	close(g.open)
+	deadline := time.Now().Add(20 * time.Second)
+	for m.Stats().PushedBytes < int64(len(want["app/lib.so"])) {
+		if time.Now().After(deadline) {
+			t.Fatalf("lib.so not pushed within 20 s of the prefetch: stats %+v", m.Stats())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s := m.Stats()
+	if s.OnDemandBytes != 0 || s.PrefetchBytes == 0 {
+		t.Errorf("fetched %d bytes on demand and %d by prefetch; want the prefetch alone (the push fetches nothing)", s.OnDemandBytes, s.PrefetchBytes)
+	}
+	if s.PushedBytes != int64(len(want["app/lib.so"])) {
+		t.Errorf("pushed %d bytes, want lib.so's %d", s.PushedBytes, len(want["app/lib.so"]))
+	}
+	if got, err := io.ReadAll(f); err != nil || !bytes.Equal(got, want["app/lib.so"]) {
+		t.Errorf("read lib.so after the push: %v (equal %v)", err, bytes.Equal(got, want["app/lib.so"]))
+	}
 }

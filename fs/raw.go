@@ -57,7 +57,7 @@ func newRawFS(toc *artifact.TOC, r ChunkReader, opts Options) (*rawFS, error) {
 	}
 	index(root.tree.root)
 	if l.opts.Push {
-		l.push = newPusher(toc, fs.nodes)
+		l.push = newPusher(toc, fs.nodes, l.opts.PushedBytes)
 	}
 	return fs, nil
 }

@@ -66,6 +66,7 @@ type counters struct {
 	fetchedBytes  atomic.Int64 // compressed bytes read from registries
 	fetchRequests atomic.Int64
 	badChunks     atomic.Int64
+	pushedBytes   atomic.Int64            // written into the page cache
 	byCause       [numCauses]atomic.Int64 // compressed bytes per cause
 	layersBad     atomic.Int64            // layers whose tar failed the diffID check
 	latency       histogram               // of range requests

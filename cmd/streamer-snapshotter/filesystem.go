@@ -138,12 +138,13 @@ var (
 	descMisses    = prometheus.NewDesc("streamer_cache_misses_total", "Chunk cache lookups that found nothing usable.", nil, nil)
 	descEvictions = prometheus.NewDesc("streamer_cache_evictions_total", "Chunks evicted from the disk cache.", nil, nil)
 	descLayersOK  = prometheus.NewDesc("streamer_layers_complete", "Mounted layers whose every chunk is cached and whose tar matched its diffID.", nil, nil)
+	descPushed    = prometheus.NewDesc("streamer_page_cache_pushed_bytes_total", "Bytes of prefetch-listed files written into the kernel's page cache when first opened (fetch.page_cache_push).", nil, nil)
 	descLayersBad = prometheus.NewDesc("streamer_layer_verification_failures_total", "Layers whose tar rebuilt from verified chunks did not match their diffID.", nil, nil)
 )
 
 var allDescs = []*prometheus.Desc{
 	descMounted, descMounts, descFallbacks, descFetched, descRequests, descBad, descCache, descChunks,
-	descFetchedBy, descLatency, descHits, descMisses, descEvictions, descLayersOK, descLayersBad,
+	descFetchedBy, descLatency, descHits, descMisses, descEvictions, descLayersOK, descLayersBad, descPushed,
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
@@ -180,6 +181,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(cs.Evictions))
 	ch <- prometheus.MustNewConstMetric(descLayersOK, prometheus.GaugeValue, float64(s.LayersComplete))
 	ch <- prometheus.MustNewConstMetric(descLayersBad, prometheus.CounterValue, float64(s.LayersBad))
+	ch <- prometheus.MustNewConstMetric(descPushed, prometheus.CounterValue, float64(s.PushedBytes))
 }
 
 // StatusResponse is the body of GET /status.

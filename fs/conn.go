@@ -53,6 +53,11 @@ type conn struct {
 	done chan struct{} // closed when the read loop ended
 
 	closeOnce sync.Once
+	// wmu keeps dev open while a write uses it: once closed, its number
+	// may belong to another file (another mount's /dev/fuse), which must
+	// never get a reply or a page-cache push meant for this mount.
+	wmu    sync.RWMutex
+	closed bool
 }
 
 var bufPool = sync.Pool{New: func() any {
@@ -158,8 +163,18 @@ func (c *conn) read(buf []byte, timeout time.Duration) (int, error) {
 
 // write writes one reply; writes to /dev/fuse never block.
 func (c *conn) write(b []byte) error {
-	_, err := unix.Write(c.fd(), b)
+	_, err := c.writev(b)
 	return err
+}
+
+// writev writes one message made of bufs, unless the conn is closed.
+func (c *conn) writev(bufs ...[]byte) (int, error) {
+	c.wmu.RLock()
+	defer c.wmu.RUnlock()
+	if c.closed {
+		return 0, os.ErrClosed
+	}
+	return unix.Writev(c.dev, bufs)
 }
 
 // mountNew opens /dev/fuse, mounts it on mountpoint (read-only, nosuid,
@@ -335,7 +350,10 @@ func (c *conn) stop() {
 
 func (c *conn) close() {
 	c.closeOnce.Do(func() {
+		c.wmu.Lock()
+		c.closed = true
 		unix.Close(c.dev)
+		c.wmu.Unlock()
 		c.stopR.Close()
 		c.stopW.Close()
 	})

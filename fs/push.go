@@ -194,7 +194,7 @@ func (c *conn) notifyStore(id uint64, off int64, data []byte) error {
 	binary.LittleEndian.PutUint64(h[16:24], id)
 	binary.LittleEndian.PutUint64(h[24:32], uint64(off))
 	binary.LittleEndian.PutUint32(h[32:36], uint32(len(data)))
-	n, err := unix.Writev(c.fd(), [][]byte{h[:], data})
+	n, err := c.writev(h[:], data)
 	if err != nil {
 		return fmt.Errorf("FUSE_NOTIFY_STORE of %d bytes at %d into node %d: %w", len(data), off, id, err)
 	}

@@ -167,6 +167,13 @@ func (c *conn) write(b []byte) error {
 	return err
 }
 
+// isClosed reports whether the conn was closed (unmounted or handed over).
+func (c *conn) isClosed() bool {
+	c.wmu.RLock()
+	defer c.wmu.RUnlock()
+	return c.closed
+}
+
 // writev writes one message made of bufs, unless the conn is closed.
 func (c *conn) writev(bufs ...[]byte) (int, error) {
 	c.wmu.RLock()

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -108,46 +109,21 @@ type noRecord struct{}
 // failure; the file is then read through FUSE as usual.
 func (fs *rawFS) pushFile(n *tnode) {
 	l := fs.layer
-	p := l.push
 	log := l.log.WithFields(logrus.Fields{"op": "push", "file": n.entry.Name})
 	start := time.Now()
-	ctx := context.WithValue(context.Background(), noRecord{}, true)
-	buf := make([]byte, maxIO)
-	size := n.entry.Size
 	var pending []int64
-	for off := int64(0); off < size; off += maxIO {
+	for off := int64(0); off < n.entry.Size; off += maxIO {
 		pending = append(pending, off)
 	}
+	buf := make([]byte, maxIO)
 	for {
-		var later []int64
-		p.sem <- struct{}{}
-		for _, off := range pending {
-			k := min(maxIO, size-off)
-			if !l.cached(n.entry.Offset+off, k) {
-				later = append(later, off)
-				continue
-			}
-			data, _, err := l.readRange(ctx, 0, n.entry.Offset+off, k, buf)
-			if err == nil {
-				if c := p.conn.Load(); c == nil {
-					err = errors.New("no connection")
-				} else {
-					// ENOENT: the kernel forgot the inode; ENODEV:
-					// unmounted.
-					err = c.notifyStore(n.ino, off, data)
-				}
-			}
-			if err != nil {
-				<-p.sem
-				log.WithError(err).WithField("offset", off).Debug("page cache push stopped")
-				return
-			}
-			p.bytes.Add(k)
-			if p.total != nil {
-				p.total.Add(k)
-			}
+		later, err := fs.pushPass(n, pending, buf)
+		if err != nil {
+			// ENOENT: the kernel forgot the inode; ENODEV or closed:
+			// unmounted.
+			log.WithError(err).Debug("page cache push stopped")
+			return
 		}
-		<-p.sem
 		if pending = later; len(pending) == 0 {
 			break
 		}
@@ -157,8 +133,44 @@ func (fs *rawFS) pushFile(n *tnode) {
 		}
 		time.Sleep(pushRetry)
 	}
-	p.files.Add(1)
-	log.WithFields(logrus.Fields{"bytes": size, "took": time.Since(start)}).Debug("file pushed into the page cache")
+	l.push.files.Add(1)
+	log.WithFields(logrus.Fields{"bytes": n.entry.Size, "took": time.Since(start)}).Debug("file pushed into the page cache")
+}
+
+// pushPass pushes the pieces of n at offsets pending whose chunks are
+// cached, and returns the others.
+func (fs *rawFS) pushPass(n *tnode, pending []int64, buf []byte) (later []int64, err error) {
+	l := fs.layer
+	p := l.push
+	p.sem <- struct{}{}
+	defer func() { <-p.sem }()
+	c := p.conn.Load()
+	if c == nil {
+		return nil, errors.New("no connection")
+	}
+	ctx := context.WithValue(context.Background(), noRecord{}, true)
+	for _, off := range pending {
+		k := min(maxIO, n.entry.Size-off)
+		if !l.cached(n.entry.Offset+off, k) {
+			later = append(later, off)
+			continue
+		}
+		data, _, err := l.readRange(ctx, 0, n.entry.Offset+off, k, buf)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.notifyStore(n.ino, off, data); err != nil {
+			return nil, err
+		}
+		p.bytes.Add(k)
+		if p.total != nil {
+			p.total.Add(k)
+		}
+	}
+	if len(later) > 0 && c.isClosed() {
+		return nil, fmt.Errorf("push into node %d: %w", n.ino, os.ErrClosed)
+	}
+	return later, nil
 }
 
 // cached reports whether the chunks of tar bytes [off, off+n) can be read

@@ -59,7 +59,10 @@ func TestPushListedFiles(t *testing.T) {
 				}
 			}
 			before := m.Stats().Reads
-			got := readFile(t, p)
+			got, err := readWithin(t, p, 10*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
 			mapped := touchMapping(t, f, libSize)
 			if !bytes.Equal(got, lib) || !bytes.Equal(mapped, lib) {
 				t.Fatalf("libbig.so reads wrong bytes (read equal: %v, mapping equal: %v)", bytes.Equal(got, lib), bytes.Equal(mapped, lib))
@@ -77,11 +80,11 @@ func TestPushListedFiles(t *testing.T) {
 			}
 
 			before = m.Stats().Reads
-			if got := readFile(t, filepath.Join(mnt, "lib/unlisted.so")); !bytes.Equal(got, other) {
-				t.Fatal("unlisted.so reads wrong bytes")
+			if got, err := readWithin(t, filepath.Join(mnt, "lib/unlisted.so"), 10*time.Second); err != nil || !bytes.Equal(got, other) {
+				t.Fatalf("unlisted.so reads wrong bytes: %v", err)
 			}
-			if got := readFile(t, filepath.Join(mnt, "lib/small.py")); !bytes.Equal(got, small) {
-				t.Fatal("small.py reads wrong bytes")
+			if got, err := readWithin(t, filepath.Join(mnt, "lib/small.py"), 10*time.Second); err != nil || !bytes.Equal(got, small) {
+				t.Fatalf("small.py reads wrong bytes: %v", err)
 			}
 			if m.Stats().Reads == before {
 				t.Errorf("unlisted and small files were served without FUSE reads")
@@ -92,15 +95,6 @@ func TestPushListedFiles(t *testing.T) {
 			}
 		})
 	}
-}
-
-func readFile(t *testing.T, p string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 // touchMapping maps f and copies it out page by page, as a program's page

@@ -20,6 +20,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 // Defaults for zero Options fields.
@@ -80,6 +81,9 @@ type Store struct {
 	memSize int64
 	flights map[digest.Digest]*flight
 	pins    map[digest.Digest]int // chunks spared by eviction, by pin count
+
+	dirs      sync.Map    // chunk directories known to exist
+	noTmpfile atomic.Bool // the filesystem refused O_TMPFILE
 
 	memoryHits, diskHits, misses, evictions, corrupted, fetches atomic.Int64
 }
@@ -337,11 +341,70 @@ func (s *Store) put(d digest.Digest, b []byte, mem bool) error {
 		return nil
 	}
 
-	// Write outside the lock; only the rename, which makes the chunk
-	// visible whole or not at all, happens under it.
-	tmp, err := os.CreateTemp(filepath.Join(s.dir, tmpDir), "chunk-")
+	// The file is written and made visible outside the lock, so that
+	// reads and other puts never wait on the filesystem; it is indexed
+	// under the lock once it is whole at its path.
+	replaced, err := s.writeChunk(d, b)
 	if err != nil {
 		return fmt.Errorf("cache put %s: %w", d, err)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if el, ok := s.disk[d]; ok { // a concurrent Put won
+		s.diskLRU.MoveToFront(el)
+		return nil
+	}
+	if replaced {
+		// The path held a file nobody had indexed, which this put
+		// replaced; an eviction of the same chunk may have removed it
+		// since: index only what is there.
+		if _, err := os.Lstat(s.path(d)); err != nil {
+			return nil
+		}
+	}
+	el = s.diskLRU.PushFront(&diskEntry{d: d, size: int64(len(b))})
+	s.disk[d] = el
+	s.size += int64(len(b))
+	s.evictLocked(el)
+	return nil
+}
+
+// writeChunk makes b the file of chunk d, whole or not at all: written
+// into an unnamed file of its directory (O_TMPFILE) and then linked to
+// its name, which costs a fraction of a named temporary file renamed into
+// place (no directory entry made and removed, no cross-directory rename,
+// which the kernel serializes filesystem-wide), and leaves nothing behind
+// when the daemon dies midway. Filesystems without O_TMPFILE get the named
+// temporary file in tmpDir, renamed. replaced reports that a file was
+// already at the path (a concurrent put of the same chunk, or a stray
+// file) and was replaced by a rename.
+func (s *Store) writeChunk(d digest.Digest, b []byte) (replaced bool, err error) {
+	p := s.path(d)
+	dir := filepath.Dir(p)
+	if _, ok := s.dirs.Load(dir); !ok {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return false, err
+		}
+		s.dirs.Store(dir, true)
+	}
+	if !s.noTmpfile.Load() {
+		err := linkTmpfile(dir, p, b)
+		switch {
+		case err == nil:
+			return false, nil
+		case errors.Is(err, unix.EEXIST):
+			// Replace it below, by a rename.
+		case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.EINVAL):
+			s.noTmpfile.Store(true)
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-put", "dir": s.dir}).Info("cache filesystem has no O_TMPFILE: chunks are written to temporary files and renamed")
+		default:
+			return false, err
+		}
+	}
+	tmp, err := os.CreateTemp(filepath.Join(s.dir, tmpDir), "chunk-")
+	if err != nil {
+		return false, err
 	}
 	// No fsync: a chunk torn by a crash fails verification on its next Get
 	// and is removed, so durability would buy nothing but latency.
@@ -349,29 +412,42 @@ func (s *Store) put(d digest.Digest, b []byte, mem bool) error {
 	cerr := tmp.Close()
 	if err := errors.Join(werr, cerr); err != nil {
 		os.Remove(tmp.Name())
-		return fmt.Errorf("cache put %s: write: %w", d, err)
-	}
-	p := s.path(d)
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("cache put %s: %w", d, err)
-	}
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if el, ok := s.disk[d]; ok { // a concurrent Put won
-		os.Remove(tmp.Name())
-		s.diskLRU.MoveToFront(el)
-		return nil
+		return false, fmt.Errorf("write: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), p); err != nil {
 		os.Remove(tmp.Name())
-		return fmt.Errorf("cache put %s: %w", d, err)
+		return false, err
 	}
-	el = s.diskLRU.PushFront(&diskEntry{d: d, size: int64(len(b))})
-	s.disk[d] = el
-	s.size += int64(len(b))
-	s.evictLocked(el)
+	return true, nil
+}
+
+// linkTmpfile writes b to an unnamed file in dir and links it as p. It
+// fails with EEXIST when p exists.
+func linkTmpfile(dir, p string, b []byte) error {
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("open unnamed file in %s: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	for rest := b; len(rest) > 0; {
+		n, err := unix.Write(fd, rest)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		rest = rest[n:]
+	}
+	// Linking by descriptor needs CAP_DAC_READ_SEARCH; through /proc it
+	// does not.
+	err = unix.Linkat(fd, "", unix.AT_FDCWD, p, unix.AT_EMPTY_PATH)
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENOENT) {
+		err = unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", fd), unix.AT_FDCWD, p, unix.AT_SYMLINK_FOLLOW)
+	}
+	if err != nil {
+		return fmt.Errorf("link %s: %w", p, err)
+	}
 	return nil
 }
 

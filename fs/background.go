@@ -367,13 +367,17 @@ func (p *hostPool) fetch(ctx context.Context, t *task) error {
 		}
 	}
 	for len(missing) > 0 {
-		run := j.reader.nextRun(cs, missing)
+		// One request for the missing chunks close together, the cached
+		// ones between them fetched again: on a link of tens of
+		// milliseconds a round trip costs more than a few hundred KiB,
+		// and after a startup has read its scattered files the missing
+		// chunks of a layer of small files alternate with cached ones.
+		run := j.reader.nextRun(cs, missing, j.gap)
 		missing = missing[len(run):]
-		chunks := make([]artifact.Chunk, len(run))
+		chunks := cs[run[0] : run[len(run)-1]+1]
 		var n int64
-		for k, i := range run {
-			chunks[k] = cs[i]
-			n += cs[i].CompressedSize
+		for _, c := range chunks {
+			n += c.CompressedSize
 		}
 		if t.why == causeBackground {
 			// Prefetch runs serve the startup under way: they share the
@@ -428,11 +432,15 @@ type layerJob struct {
 	stopped    bool
 	idle       bool // nothing to do until the next mount
 	passes     int  // completion checks that found chunks missing
+	// gap is the most compressed bytes of chunks already cached (or in
+	// flight) one request fetches again to join missing chunks on both
+	// sides of them: the prefetch gap, up to maxBridge.
+	gap int64
 }
 
 // newLayerJob plans the prefetch runs of a layer (see planPrefetch).
 func newLayerJob(st *layerState, prefetch, background bool, maxCoalesce, gap int64) *layerJob {
-	j := &layerJob{st: st, toc: st.toc, reader: st.reader, log: st.log, background: background}
+	j := &layerJob{st: st, toc: st.toc, reader: st.reader, log: st.log, background: background, gap: min(gap, maxBridge)}
 	j.ctx, j.cancel = context.WithCancel(context.Background())
 	if !prefetch || len(j.toc.Prefetch) == 0 {
 		return j
@@ -517,27 +525,36 @@ func planPrefetch(toc *artifact.TOC, maxCoalesce, gap int64) []prefetchRun {
 func (j *layerJob) nextLocked(p *hostPool) *task {
 	chunks := j.toc.Chunks
 	if j.background {
-		var size int64
-		start := -1
+		// A run starts at the first chunk neither cached nor in flight
+		// and takes the missing chunks after it, bridging up to j.gap
+		// compressed bytes of chunks it does not need (see fetch).
+		start, end := -1, -1
+		var gap int64
 		for ; j.cursor < len(chunks); j.cursor++ {
 			c := chunks[j.cursor]
 			skip := p.inflight[c.Digest] > 0 || p.s.opts.cache.Has(c.Digest)
-			if start >= 0 {
-				prev := chunks[j.cursor-1]
-				if skip || prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset || size+c.CompressedSize > p.s.opts.maxCoalesce {
-					break
+			if start < 0 {
+				if !skip {
+					start, end = j.cursor, j.cursor+1
 				}
-			}
-			if skip {
 				continue
 			}
-			if start < 0 {
-				start = j.cursor
+			prev := chunks[j.cursor-1]
+			if prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset ||
+				c.CompressedOffset+c.CompressedSize-chunks[start].CompressedOffset > p.s.opts.maxCoalesce {
+				break
 			}
-			size += c.CompressedSize
+			if skip {
+				if gap += c.CompressedSize; gap > j.gap {
+					break
+				}
+				continue
+			}
+			gap, end = 0, j.cursor+1
 		}
 		if start >= 0 {
-			return &task{job: j, first: start, last: j.cursor, why: causeBackground}
+			j.cursor = end
+			return &task{job: j, first: start, last: end, why: causeBackground}
 		}
 	}
 	if j.running > 0 || len(j.prefetch) > 0 || len(j.ahead) > 0 {
@@ -546,6 +563,13 @@ func (j *layerJob) nextLocked(p *hostPool) *task {
 	j.idle = true // until the check below says otherwise
 	return &task{job: j, verify: true}
 }
+
+// maxBridge bounds the cached bytes a background or read-ahead request
+// fetches again to join missing chunks: enough to merge the small files a
+// startup left behind between the ones it read (a few KiB each, one round
+// trip apiece otherwise), not so much that a run re-fetches whole files
+// the prefetch brought, whose round trips the concurrent workers hide.
+const maxBridge = 64 << 10
 
 // maxAhead bounds the read-ahead runs queued per layer: past it the oldest
 // is dropped, the workload having moved on.
@@ -608,6 +632,7 @@ func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
 		defer p.mu.Unlock()
 		if j.background {
 			j.passes++
+			j.logMissingLocked(p)
 			j.cursor = 0
 			j.idle = false
 			if j.passes > 1 {
@@ -619,6 +644,26 @@ func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
 		return nil
 	}
 	return err
+}
+
+// logMissingLocked says which chunks a completion check found missing
+// and whether a fetch of them is in flight.
+func (j *layerJob) logMissingLocked(p *hostPool) {
+	var missing, inflight int
+	var first []int
+	for i, c := range j.toc.Chunks {
+		if p.s.opts.cache.Has(c.Digest) {
+			continue
+		}
+		missing++
+		if p.inflight[c.Digest] > 0 {
+			inflight++
+		}
+		if len(first) < 5 {
+			first = append(first, i)
+		}
+	}
+	j.log.WithFields(logrus.Fields{"op": "verify", "pass": j.passes, "missing": missing, "inflight": inflight, "first": first, "running": j.running}).Info("completion check: chunks missing")
 }
 
 // rateWindow measures a rate over the last rateSpan.

@@ -480,3 +480,49 @@ func TestUnmountStopsBackgroundWork(t *testing.T) {
 	}
 	_ = os.Remove(dir)
 }
+
+// TestBackgroundBridgesCachedChunks: after a startup has read every other
+// small file of a layer, the background fetch brings the rest in a few
+// large requests, fetching the few cached chunks between the missing ones
+// again, rather than a round trip for each missing file.
+func TestBackgroundBridgesCachedChunks(t *testing.T) {
+	e := newManagerEnv(t)
+	want := files{}
+	for i := range 200 {
+		want[fmt.Sprintf("lib/m%03d.py", i)] = randomBytes(uint64(300+i), 3<<10)
+	}
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/bridge", want.tar(t), true)
+
+	// A first daemon, background fetch off, serves a startup that reads
+	// every other file.
+	m := e.managerWith(t, nil, func(o *fs.ManagerOptions) { o.Background = false })
+	dir := managerMount(t, m, img.labels())
+	for i := 0; i < 200; i += 2 {
+		name := fmt.Sprintf("lib/m%03d.py", i)
+		if got, err := readWithin(t, filepath.Join(dir, name), 10*time.Second); err != nil || !bytes.Equal(got, want[name]) {
+			t.Fatalf("read %s: %v", name, err)
+		}
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.cache.Close()
+
+	// The next one completes the layer from that cache.
+	rec := &recordingRegistry{Client: e.client}
+	m = e.managerWith(t, rec, func(o *fs.ManagerOptions) { o.PrefetchGap = 64 << 10 })
+	dir = managerMount(t, m, img.labels())
+	waitStatus(t, m, img.layer, 30*time.Second, "complete", isComplete)
+	toc := tocOf(t, e, img.layer)
+	calls := rec.ranges()
+	var total int64
+	for _, c := range calls {
+		total += c.n
+	}
+	// 100 missing files between 100 cached ones: one request of the
+	// whole blob (about 700 KiB, under max_coalesce) instead of 100.
+	if len(calls) > 2 || total > toc.BlobSize {
+		t.Errorf("%d range requests, %d bytes (blob %d); want at most 2 requests, the blob at most once: %+v", len(calls), total, toc.BlobSize, calls)
+	}
+	readAll(t, dir, want)
+}

@@ -108,7 +108,7 @@ func (r *remoteReader) ReadChunks(ctx context.Context, cs []artifact.Chunk) ([][
 		missing = append(missing, i)
 	}
 	for len(missing) > 0 {
-		run := r.nextRun(cs, missing)
+		run := r.nextRun(cs, missing, 0)
 		missing = missing[len(run):]
 		if len(run) == 1 {
 			b, err := r.ReadChunk(ctx, cs[run[0]])
@@ -134,20 +134,33 @@ func (r *remoteReader) ReadChunks(ctx context.Context, cs []artifact.Chunk) ([][
 }
 
 // nextRun returns the longest prefix of idx (indexes into cs, ascending)
-// whose frames are back to back, up to maxCoalesce compressed bytes.
-func (r *remoteReader) nextRun(cs []artifact.Chunk, idx []int) []int {
+// whose frames are back to back, or apart by at most gap compressed bytes
+// (cs holding the chunks between), up to maxCoalesce compressed bytes
+// from its first frame to its last.
+func (r *remoteReader) nextRun(cs []artifact.Chunk, idx []int, gap int64) []int {
 	run := idx[:1]
-	size := cs[idx[0]].CompressedSize
+	start := cs[idx[0]].CompressedOffset
 	for _, j := range idx[1:] {
 		prev := cs[run[len(run)-1]]
 		c := cs[j]
-		if prev.CompressedOffset+prev.CompressedSize != c.CompressedOffset || size+c.CompressedSize > r.maxCoalesce {
+		between := c.CompressedOffset - (prev.CompressedOffset + prev.CompressedSize)
+		if between < 0 || between > gap || (between > 0 && !framesBetween(cs, run[len(run)-1], j)) || c.CompressedOffset+c.CompressedSize-start > r.maxCoalesce {
 			break
 		}
 		run = idx[:len(run)+1]
-		size += c.CompressedSize
 	}
 	return run
+}
+
+// framesBetween reports whether the chunks of cs between i and j fill
+// the blob from the end of i to the start of j.
+func framesBetween(cs []artifact.Chunk, i, j int) bool {
+	for k := i + 1; k <= j; k++ {
+		if cs[k-1].CompressedOffset+cs[k-1].CompressedSize != cs[k].CompressedOffset {
+			return false
+		}
+	}
+	return true
 }
 
 // fetchAndStore fetches back-to-back chunks with one request and puts

@@ -140,3 +140,67 @@ func BenchmarkOnDemandLatencyWithBackground(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkBackgroundComplete measures how long the background fetch
+// takes to bring a whole layer into the cache and verify it, from a real
+// registry on loopback: the same 64 MiB as 64 chunks of 1 MiB (few large
+// files) and as 16384 chunks of 4 KiB (a base layer of many small files,
+// each file its own chunk).
+func BenchmarkBackgroundComplete(b *testing.B) {
+	reg := testenv.Registry(b, testenv.RegistryOptions{})
+	client, err := fetcher.New(fetcher.Options{Retries: -1, Timeout: 30 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ref, err := fetcher.ParseRef(reg.Host + "/bench/complete:v1")
+	if err != nil {
+		b.Fatal(err)
+	}
+	log := logrus.NewEntry(logrus.New())
+	log.Logger.SetLevel(logrus.WarnLevel)
+	for _, tc := range []struct {
+		name      string
+		n, size   int
+		seed      uint64
+		toc       *artifact.TOC
+		blob      digest.Digest
+		loadedFor *testing.B
+	}{
+		{name: "1MiB-chunks", n: 64, size: 1 << 20, seed: 3},
+		{name: "4KiB-chunks", n: 16384, size: 4 << 10, seed: 4},
+	} {
+		tc.toc, tc.blob = benchBlob(b, client, ref, tc.seed, tc.n, tc.size)
+		b.Run(tc.name, func(b *testing.B) {
+			for b.Loop() {
+				b.StopTimer()
+				dir := b.TempDir()
+				store, err := cache.Open(cache.Options{Dir: filepath.Join(dir, "cache"), MaxBytes: 1 << 30, MemoryBytes: -1})
+				if err != nil {
+					b.Fatal(err)
+				}
+				m := &Manager{opts: ManagerOptions{Root: dir, Cache: store}, log: log}
+				os.MkdirAll(recordDir(dir), 0o700)
+				sched := newScheduler(schedulerOptions{fgConcurrency: 8, bgConcurrency: 4, maxCoalesce: 4 << 20, background: true, cache: store, log: log})
+				pool := sched.pool(ref.Host)
+				st := &layerState{m: m, layer: tc.toc.Layer, rec: layerRecord{Ref: ref.String()}, toc: tc.toc, log: log, pool: pool}
+				st.reader = &remoteReader{src: client, ref: ref, blob: tc.blob, cache: store, host: pool, maxCoalesce: 4 << 20, log: log, stats: &m.stats, layer: &st.stats}
+				job := newLayerJob(st, false, true, 4<<20, 0)
+				b.StartTimer()
+				pool.add(job)
+				deadline := time.Now().Add(2 * time.Minute)
+				for !st.complete.Load() && !st.bad.Load() && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+				b.StopTimer()
+				if !st.complete.Load() {
+					b.Fatalf("layer not complete after 2 min (bad: %v)", st.bad.Load())
+				}
+				job.stop(pool)
+				sched.close()
+				store.Close()
+				b.StartTimer()
+			}
+			b.SetBytes(int64(tc.n * tc.size))
+		})
+	}
+}

@@ -451,6 +451,17 @@ func (b *bench) startNode(ctx context.Context, r *harness.Runner, m Mode, backgr
 		}
 		n.waitComplete = background && b.cfg.CompleteTimeout > 0
 		n.sn = harness.StartSnapshotter(r, harness.SnapshotterOptions{Binary: b.bins.Snapshotter, Dir: filepath.Join(n.dir, "s"), Config: cfg, LogLevel: "info"})
+		if b.cfg.OutDir != "" {
+			// Registered after the daemon's own cleanup, so it runs first:
+			// the log is kept with the results before the temp dir goes.
+			log := n.sn.LogPath
+			dst := filepath.Join(b.cfg.OutDir, fmt.Sprintf("snapshotter-%d-%s.log", seq, m))
+			r.Cleanup(func() {
+				if err := copyFile(log, dst); err != nil {
+					b.cfg.logf("keep the snapshotter log: %v", err)
+				}
+			})
+		}
 		opts.SnapshotterAddress = n.sn.Address
 		if root, err := harness.ModuleRoot(); err == nil {
 			if p := filepath.Join(root, "docs", "containerd-config.toml"); fileExists(p) {
@@ -1186,4 +1197,16 @@ func (b *bench) linkCheck(ctx context.Context) (string, error) {
 	return fmt.Sprintf("Link check: a 4 KiB range request to the registry takes %s on a new connection, %s on a kept-alive one (medians of 20); a %s read runs at %.0f Mbit/s.",
 		FmtDuration(seconds(SummarizeDurations(cold).Median)), FmtDuration(seconds(SummarizeDurations(warm).Median)),
 		FmtBytes(n), float64(n)*8/d.Seconds()/1e6), nil
+}
+
+// copyFile copies src to dst (created or truncated).
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o644)
 }

@@ -759,3 +759,65 @@ func TestPutColdSparesMemory(t *testing.T) {
 		t.Errorf("PutCold of altered bytes: %v; want ErrDigestMismatch", err)
 	}
 }
+
+// TestWriteModes: chunks written through an unnamed file linked to its
+// name, and through the named temporary file renamed (filesystems without
+// O_TMPFILE), read back whole, survive a restart, leave no temporary file,
+// and replace a stray file that sits at a chunk's path unindexed.
+func TestWriteModes(t *testing.T) {
+	for _, rename := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rename=%v", rename), func(t *testing.T) {
+			dir := t.TempDir()
+			s := openStore(t, Options{Dir: dir, MemoryBytes: -1})
+			s.noTmpfile.Store(rename)
+			var ds []digest.Digest
+			for i := range 20 {
+				b, _ := chunk(fmt.Sprint("mode", i), 1000+i*4096)
+				ds = append(ds, mustPut(t, s, b))
+			}
+			// The same chunk put by many at once: one file, indexed once.
+			same, sd := chunk("same", 70000)
+			var wg sync.WaitGroup
+			for range 8 {
+				wg.Go(func() {
+					if err := s.Put(sd, same); err != nil {
+						t.Errorf("concurrent Put: %v", err)
+					}
+				})
+			}
+			wg.Wait()
+			ds = append(ds, sd)
+			// A stray file at a chunk's path, not in the index (left by a
+			// failed removal): Put replaces it with the chunk.
+			stray, strayD := chunk("stray", 5000)
+			p := s.path(strayD)
+			if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, []byte("not the chunk"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			mustPut(t, s, stray)
+			ds = append(ds, strayD)
+			if got, err := os.ReadFile(p); err != nil || !bytes.Equal(got, stray) {
+				t.Errorf("stray file not replaced by the chunk: %q, %v", got[:min(len(got), 20)], err)
+			}
+			if n := s.Len(); n != len(ds) {
+				t.Errorf("%d chunks indexed; want %d", n, len(ds))
+			}
+			if ents, _ := os.ReadDir(filepath.Join(dir, tmpDir)); len(ents) != 0 {
+				t.Errorf("temporary files left: %d", len(ents))
+			}
+			s.Close()
+			s2 := openStore(t, Options{Dir: dir, MemoryBytes: -1})
+			for _, d := range ds {
+				if b, ok := s2.Get(d); !ok || digest.FromBytes(b) != d {
+					t.Errorf("chunk %s not read back after a restart", d)
+				}
+			}
+			if files := chunkFiles(t, dir); len(files) != len(ds) {
+				t.Errorf("%d chunk files; want %d", len(files), len(ds))
+			}
+		})
+	}
+}

@@ -159,12 +159,11 @@ func BenchmarkBackgroundComplete(b *testing.B) {
 	log := logrus.NewEntry(logrus.New())
 	log.Logger.SetLevel(logrus.WarnLevel)
 	for _, tc := range []struct {
-		name      string
-		n, size   int
-		seed      uint64
-		toc       *artifact.TOC
-		blob      digest.Digest
-		loadedFor *testing.B
+		name    string
+		n, size int
+		seed    uint64
+		toc     *artifact.TOC
+		blob    digest.Digest
 	}{
 		{name: "1MiB-chunks", n: 64, size: 1 << 20, seed: 3},
 		{name: "4KiB-chunks", n: 16384, size: 4 << 10, seed: 4},

@@ -49,7 +49,7 @@ type Fetch struct {
 	Prefetch      bool     `toml:"prefetch" comment:"Fetch the files of a layer's prefetch list (read at startup) first, as soon as it mounts."`
 	Readahead     Size     `toml:"readahead" comment:"With background fetch on, each on-demand fetch also starts the fetch of up to this many bytes of the chunks after it, ahead of other background work (files next to each other in a layer are read together); 0 turns it off."`
 	PageCachePush bool     `toml:"page_cache_push" comment:"With prefetch on, when a process first opens a listed file of at least 1 MiB, write the whole file into the kernel's page cache, so that its page faults (the code of shared libraries) are served by the kernel instead of each going through the filesystem."`
-	PrefetchGap   Size     `toml:"prefetch_gap" comment:"Prefetch merges the chunks of listed files into requests of up to max_coalesce, bridging up to this many bytes of unlisted chunks between them (one round trip costs about the link's rate times its delay in bytes); 0 merges only adjacent chunks."`
+	PrefetchGap   Size     `toml:"prefetch_gap" comment:"Prefetch merges the chunks of listed files into requests of up to max_coalesce, bridging up to this many bytes of unlisted chunks between them (one round trip costs about the link's rate times its delay in bytes); background requests bridge chunks already cached up to 64 KiB or this, if smaller; 0 merges only adjacent chunks."`
 	// Background, BackgroundConcurrency and BackgroundRateLimit shape the
 	// fetch of whole layers after mount, so that the node stops needing
 	// the registry; on-demand reads always go first.

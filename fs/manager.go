@@ -625,7 +625,7 @@ func (m *Manager) acquire(layer digest.Digest, image string, rec layerRecord, to
 		// Known complete: nothing of it needs the registry, as long as
 		// its chunks are still cached.
 		if _, all := st.cachedBytes(); all {
-			st.complete.Store(true)
+			st.markComplete()
 			return st, nil
 		}
 		log.Info("layer was complete but some chunks left the cache; fetching them again")

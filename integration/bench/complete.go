@@ -29,6 +29,9 @@ type StatusLayer struct {
 	Complete     bool          `json:"complete"`
 	Bad          bool          `json:"bad,omitempty"`
 	FetchedBytes int64         `json:"fetchedBytes"`
+	// CompletedAt is when the layer became complete (older snapshotters
+	// do not say).
+	CompletedAt *time.Time `json:"completedAt,omitempty"`
 }
 
 // StatusImage is the snapshotter's decision for an image: how many of its
@@ -89,6 +92,34 @@ func (st *SnapshotterStatus) Incomplete(images []PulledImage) ([]digest.Digest, 
 	return pending, nil
 }
 
+// CompletedAt is when the last of the images' layers the snapshotter
+// streams became complete, by its own clock; zero when one of them does
+// not say.
+func (st *SnapshotterStatus) CompletedAt(images []PulledImage) time.Time {
+	at := map[digest.Digest]*time.Time{}
+	for _, l := range st.Layers {
+		if l.Complete {
+			at[l.Layer] = l.CompletedAt
+		}
+	}
+	var last time.Time
+	for _, im := range images {
+		for _, d := range im.Layers {
+			t, ok := at[d]
+			if !ok {
+				continue // pulled normally: local when the pull returned
+			}
+			if t == nil {
+				return time.Time{}
+			}
+			if t.After(last) {
+				last = *t
+			}
+		}
+	}
+	return last
+}
+
 // CompletePoll waits until every layer of some images is complete.
 type CompletePoll struct {
 	// Status gets the snapshotter's status.
@@ -104,8 +135,9 @@ type CompletePoll struct {
 
 // CompleteResult is the outcome of a CompletePoll.
 type CompleteResult struct {
-	// Complete says whether every layer was complete; At is when the poll
-	// saw it (the first poll that did).
+	// Complete says whether every layer was complete; At is when the
+	// last layer became complete as the snapshotter reports it, else when
+	// the poll saw it (the first poll that did).
 	Complete bool
 	At       time.Time
 	// Why says why not, when Complete is false: the time limit, a layer
@@ -150,7 +182,11 @@ func (p CompletePoll) Wait(ctx context.Context) (CompleteResult, error) {
 				return CompleteResult{Why: err.Error()}, nil
 			}
 			if len(pending) == 0 {
-				return CompleteResult{Complete: true, At: now}, nil
+				at := st.CompletedAt(p.Images)
+				if at.IsZero() || at.After(now) {
+					at = now
+				}
+				return CompleteResult{Complete: true, At: at}, nil
 			}
 		}
 		if !now.Before(deadline) {

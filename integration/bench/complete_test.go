@@ -232,3 +232,21 @@ func TestFetchStatus(t *testing.T) {
 		t.Errorf("FetchStatus on a 503 = %v, want the status and body", err)
 	}
 }
+
+func TestCompletedAt(t *testing.T) {
+	im := PulledImage{Ref: "reg/app:v1", Layers: []digest.Digest{layerA, layerB}}
+	t1 := time.Date(2026, 1, 1, 0, 0, 1, 0, time.UTC)
+	t2 := t1.Add(3 * time.Second)
+	st := SnapshotterStatus{Layers: []StatusLayer{
+		{Layer: layerA, Complete: true, CompletedAt: &t2},
+		{Layer: layerB, Complete: true, CompletedAt: &t1},
+		{Layer: layerC, Complete: true, CompletedAt: new(t2.Add(time.Hour))}, // another image's
+	}}
+	if got := st.CompletedAt([]PulledImage{im}); !got.Equal(t2) {
+		t.Errorf("completed at %v; want the later layer's %v", got, t2)
+	}
+	st.Layers[1].CompletedAt = nil
+	if got := st.CompletedAt([]PulledImage{im}); !got.IsZero() {
+		t.Errorf("completed at %v with a layer that does not say; want zero (the poll's own time is used)", got)
+	}
+}

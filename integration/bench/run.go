@@ -681,9 +681,9 @@ type measured struct {
 // first ten requests. On a Streamer node with background fetch on, the
 // run then goes on (pods running) until the snapshotter reports every
 // layer of the pulled images complete, or Config.CompleteTimeout passes:
-// its status is polled every 100 ms from readiness on, alongside the ten
-// requests. measure returns once the ten requests are done and that wait
-// is over.
+// its status is polled every 100 ms once the requests are done, and the
+// time of completion is the snapshotter's own record of when the last
+// layer became complete. measure returns once that wait is over.
 func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured, error) {
 	m := measured{startupBytes: -1}
 	if err := b.cold(ctx, n); err != nil {
@@ -770,12 +770,18 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	readyWG.Wait()
 	rx1, rxErr := b.link.RxBytes()
 	startup, mErr := n.onDemandBytes(ctx)
-	// A pod that failed has returned (its error is set before it counts
-	// as ready); the ready ones wait for allReady.
-	failed := false
+	close(allReady)
+	wg.Wait()
 	for _, p := range pods {
-		failed = failed || p.err != nil
+		if p.err != nil {
+			return m, p.err
+		}
 	}
+	// The completion poll starts once the requests are done, so that
+	// status requests (and the snapshotter's work answering them) do not
+	// share the node with the requests measured; the snapshotter reports
+	// when each layer became complete, so a late first poll does not move
+	// the time measured.
 	type pollOutcome struct {
 		res   CompleteResult
 		rx    int64
@@ -785,7 +791,7 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	var polled chan pollOutcome
 	pctx, pcancel := context.WithCancel(ctx)
 	defer pcancel()
-	if n.waitComplete && !failed {
+	if n.waitComplete {
 		polled = make(chan pollOutcome, 1)
 		poll := b.completePoll(n, pods)
 		go func() {
@@ -796,13 +802,6 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 			}
 			polled <- o
 		}()
-	}
-	close(allReady)
-	wg.Wait()
-	for _, p := range pods {
-		if p.err != nil {
-			return m, p.err
-		}
 	}
 	if rxErr != nil {
 		return m, rxErr

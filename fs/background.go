@@ -710,16 +710,20 @@ func (w *rateWindow) perSecond(now time.Time) float64 {
 // latency histogram.
 var latencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
-// histogram is a lock-free fixed-bucket histogram.
+// histogram is a lock-free fixed-bucket histogram. Its bounds (seconds,
+// at most len(counts)-1 of them) are the caller's: latencyBuckets for
+// observe and snapshot.
 type histogram struct {
-	counts [13]atomic.Uint64 // len(latencyBuckets)+1: the last is +Inf
+	counts [16]atomic.Uint64 // the one after the last bound is +Inf
 	sumNs  atomic.Int64
 }
 
-func (h *histogram) observe(d time.Duration) {
+func (h *histogram) observe(d time.Duration) { h.observeIn(latencyBuckets, d) }
+
+func (h *histogram) observeIn(bounds []float64, d time.Duration) {
 	s := d.Seconds()
 	i := 0
-	for i < len(latencyBuckets) && s > latencyBuckets[i] {
+	for i < len(bounds) && s > bounds[i] {
 		i++
 	}
 	h.counts[i].Add(1)
@@ -744,9 +748,11 @@ func (h Histogram) Count() uint64 {
 	return n
 }
 
-func (h *histogram) snapshot() Histogram {
-	out := Histogram{Bounds: latencyBuckets, Counts: make([]uint64, len(h.counts)), Sum: time.Duration(h.sumNs.Load()).Seconds()}
-	for i := range h.counts {
+func (h *histogram) snapshot() Histogram { return h.snapshotIn(latencyBuckets) }
+
+func (h *histogram) snapshotIn(bounds []float64) Histogram {
+	out := Histogram{Bounds: bounds, Counts: make([]uint64, len(bounds)+1), Sum: time.Duration(h.sumNs.Load()).Seconds()}
+	for i := range out.Counts {
 		out.Counts[i] = h.counts[i].Load()
 	}
 	return out

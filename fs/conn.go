@@ -42,9 +42,10 @@ type conn struct {
 	// os.Open does) would ask the FUSE server to poll while holding the
 	// epoll lock the server's own reads would wait for. The read loop
 	// uses poll(2) on its own thread instead.
-	dev int
-	ps  *fuse.ProtocolServer
-	log *logrus.Entry
+	dev   int
+	ps    *fuse.ProtocolServer
+	log   *logrus.Entry
+	stats *FUSEStats // or nil
 	// stopR and stopW are a pipe: closing stopW stops the read loop.
 	stopR, stopW *os.File
 
@@ -91,6 +92,7 @@ func newConn(fd int, fs *rawFS, o Options) (*conn, error) {
 		dev:   fd,
 		ps:    fuse.NewProtocolServer(fs, mountOptions(o)),
 		log:   fs.layer.log,
+		stats: o.FUSEStats,
 		stopR: stopR,
 		stopW: stopW,
 		sem:   make(chan struct{}, maxInflight),
@@ -314,6 +316,7 @@ func (c *conn) serve() {
 }
 
 func (c *conn) handle(req []byte) {
+	start := time.Now()
 	defer c.wg.Done()
 	defer func() { <-c.sem }()
 	bp := bufPool.Get().(*[]byte)
@@ -330,12 +333,14 @@ func (c *conn) handle(req []byte) {
 		n = outHeaderSize
 	}
 	if n == 0 {
+		c.stats.observeRequest(req, time.Since(start))
 		return // FORGET, INTERRUPT...: no reply
 	}
 	if err := c.write(out[:n]); err != nil && !errors.Is(err, syscall.ENOENT) {
 		// ENOENT: the kernel no longer waits for it (interrupted).
 		c.log.WithError(err).WithField("op", "reply").Debug("write FUSE reply")
 	}
+	c.stats.observeRequest(req, time.Since(start))
 }
 
 // stop stops reading, waits a bounded time for the requests being

@@ -81,6 +81,8 @@ type Options struct {
 	// PushedBytes, when set, is added the bytes pushed, for a caller
 	// that counts over layers.
 	PushedBytes *atomic.Int64
+	// FUSEStats, when set, times the mount's FUSE requests by operation.
+	FUSEStats *FUSEStats
 	// Holder keeps the mount's /dev/fuse descriptor across restarts of
 	// the daemon. Default: the one set by SetDefaultHolder, if any.
 	Holder Holder

@@ -280,6 +280,7 @@ func (m *Manager) mount(ctx context.Context, mountpoint string, labels map[strin
 		ReadTimeout: m.opts.ReadTimeout,
 		Push:        m.opts.Prefetch && m.opts.PageCachePush,
 		PushedBytes: &m.stats.pushedBytes,
+		FUSEStats:   &m.stats.fuse,
 		Logger:      log,
 		FSName:      "streamer:" + layer.Encoded()[:12],
 	})
@@ -761,6 +762,9 @@ type ManagerStats struct {
 	// PushedBytes are bytes of listed files written into the kernel's
 	// page cache (PageCachePush).
 	PushedBytes int64
+	// FUSEOps are the latencies of the FUSE requests the mounts served,
+	// by operation (lookup, getattr, read...).
+	FUSEOps map[string]Histogram
 	// FetchLatency is the histogram of range request latencies.
 	FetchLatency Histogram
 	// LayersComplete are mounted layers all cached and verified;
@@ -784,6 +788,7 @@ func (m *Manager) Stats() ManagerStats {
 		PrefetchBytes:   m.stats.byCause[causePrefetch].Load(),
 		BackgroundBytes: m.stats.byCause[causeBackground].Load(),
 		PushedBytes:     m.stats.pushedBytes.Load(),
+		FUSEOps:         m.stats.fuse.Snapshot(),
 		FetchLatency:    m.stats.latency.snapshot(),
 		LayersComplete:  complete,
 		LayersBad:       m.stats.layersBad.Load(),

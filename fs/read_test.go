@@ -214,3 +214,29 @@ func TestConcurrentReads(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestFUSEStatsTimeRequests: a mount given FUSEStats times its requests by
+// operation; what a user does (look a file up, open it, read it) shows
+// under the operation's name.
+func TestFUSEStatsTimeRequests(t *testing.T) {
+	l := buildLayer(t, makeTar(t, richEntries()), testChunkSize)
+	var st fs.FUSEStats
+	mnt, _ := mountLayer(t, l.toc, &memReader{blob: l.blob}, fs.Options{FUSEStats: &st})
+	if got := preadRandom(t, filepath.Join(mnt, "data/big.bin"), 0, 8192); len(got) != 8192 {
+		t.Fatalf("read %d bytes", len(got))
+	}
+	ops := st.Snapshot()
+	for _, op := range []string{"lookup", "open", "read"} {
+		h, ok := ops[op]
+		if !ok || h.Count() == 0 {
+			t.Errorf("no %s timed; got %v", op, ops)
+			continue
+		}
+		if h.Sum <= 0 || len(h.Counts) != len(h.Bounds)+1 {
+			t.Errorf("%s histogram %+v", op, h)
+		}
+	}
+	if n := ops["read"].Count(); n > 4 {
+		t.Errorf("%d reads timed for one 8 KiB pread; want 1 or 2", n)
+	}
+}

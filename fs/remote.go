@@ -70,6 +70,7 @@ type counters struct {
 	byCause       [numCauses]atomic.Int64 // compressed bytes per cause
 	layersBad     atomic.Int64            // layers whose tar failed the diffID check
 	latency       histogram               // of range requests
+	fuse          FUSEStats               // FUSE requests of the mounts
 }
 
 // layerStats counts the fetches of one layer, for its status.

@@ -132,5 +132,13 @@ func TestNodeBackgroundFetchIndependence(t *testing.T) {
 		if n := n.count.BlobRequests(); n != 0 {
 			t.Errorf("%d blob requests with the registry stopped; want none", n)
 		}
+		// Those reads went through the layers' FUSE mounts: the latency
+		// metric has them.
+		for _, op := range []string{"lookup", "read"} {
+			series := `streamer_fuse_operation_duration_seconds_count{op="` + op + `"}`
+			if v, err := scrapeMetric(ctx, metrics, series); err != nil || v == 0 {
+				t.Errorf("%s = %v (%v); want the FUSE %s requests counted", series, v, err, op)
+			}
+		}
 	})
 }

@@ -139,12 +139,25 @@ var (
 	descEvictions = prometheus.NewDesc("streamer_cache_evictions_total", "Chunks evicted from the disk cache.", nil, nil)
 	descLayersOK  = prometheus.NewDesc("streamer_layers_complete", "Mounted layers whose every chunk is cached and whose tar matched its diffID.", nil, nil)
 	descPushed    = prometheus.NewDesc("streamer_page_cache_pushed_bytes_total", "Bytes of prefetch-listed files written into the kernel's page cache when first opened (fetch.page_cache_push).", nil, nil)
+	descFUSE      = prometheus.NewDesc("streamer_fuse_operation_duration_seconds", "Latency of FUSE requests served by the layer mounts, from the read of the request to the write of its answer, by operation (lookup, getattr, open, read, readdirplus...).", []string{"op"}, nil)
 	descLayersBad = prometheus.NewDesc("streamer_layer_verification_failures_total", "Layers whose tar rebuilt from verified chunks did not match their diffID.", nil, nil)
 )
 
 var allDescs = []*prometheus.Desc{
 	descMounted, descMounts, descFallbacks, descFetched, descRequests, descBad, descCache, descChunks,
 	descFetchedBy, descLatency, descHits, descMisses, descEvictions, descLayersOK, descLayersBad, descPushed,
+	descFUSE,
+}
+
+// constHistogram is h as a Prometheus histogram (cumulative buckets).
+func constHistogram(d *prometheus.Desc, h fs.Histogram, labels ...string) prometheus.Metric {
+	buckets := make(map[float64]uint64, len(h.Bounds))
+	var cum uint64
+	for i, b := range h.Bounds {
+		cum += h.Counts[i]
+		buckets[b] = cum
+	}
+	return prometheus.MustNewConstHistogram(d, h.Count(), h.Sum, buckets, labels...)
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
@@ -167,13 +180,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descFetchedBy, prometheus.CounterValue, float64(s.OnDemandBytes), "on_demand")
 	ch <- prometheus.MustNewConstMetric(descFetchedBy, prometheus.CounterValue, float64(s.PrefetchBytes), "prefetch")
 	ch <- prometheus.MustNewConstMetric(descFetchedBy, prometheus.CounterValue, float64(s.BackgroundBytes), "background")
-	buckets := make(map[float64]uint64, len(s.FetchLatency.Bounds))
-	var cum uint64
-	for i, b := range s.FetchLatency.Bounds {
-		cum += s.FetchLatency.Counts[i]
-		buckets[b] = cum
+	ch <- constHistogram(descLatency, s.FetchLatency)
+	for op, h := range s.FUSEOps {
+		ch <- constHistogram(descFUSE, h, op)
 	}
-	ch <- prometheus.MustNewConstHistogram(descLatency, s.FetchLatency.Count(), s.FetchLatency.Sum, buckets)
 	cs := c.cache.Stats()
 	ch <- prometheus.MustNewConstMetric(descHits, prometheus.CounterValue, float64(cs.MemoryHits), "memory")
 	ch <- prometheus.MustNewConstMetric(descHits, prometheus.CounterValue, float64(cs.DiskHits), "disk")

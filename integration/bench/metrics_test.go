@@ -30,3 +30,38 @@ streamer_fetched_bytes_by_cause_total{cause="prefetch"} 0
 		}
 	}
 }
+
+func TestParseFUSEUse(t *testing.T) {
+	page := `# TYPE streamer_fuse_operation_duration_seconds histogram
+streamer_fuse_operation_duration_seconds_bucket{op="lookup",le="1e-05"} 3
+streamer_fuse_operation_duration_seconds_sum{op="lookup"} 0.004
+streamer_fuse_operation_duration_seconds_count{op="lookup"} 40
+streamer_fuse_operation_duration_seconds_sum{op="read"} 0.25
+streamer_fuse_operation_duration_seconds_count{op="read"} 7
+streamer_fetch_request_duration_seconds_count 9
+`
+	before, err := ParseFUSEUse(strings.NewReader(page))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := before["lookup"], (FUSEUse{Count: 40, Seconds: 0.004}); got != want {
+		t.Errorf("lookup %+v; want %+v", got, want)
+	}
+	if got, want := before["read"], (FUSEUse{Count: 7, Seconds: 0.25}); got != want {
+		t.Errorf("read %+v; want %+v", got, want)
+	}
+	if len(before) != 2 {
+		t.Errorf("parsed %v; want lookup and read only", before)
+	}
+	after := map[string]FUSEUse{"lookup": {40, 0.004}, "read": {10, 0.28}, "getattr": {2, 0.001}}
+	d := fuseDelta(before, after)
+	if len(d) != 2 || d["read"].Count != 3 || d["getattr"].Count != 2 {
+		t.Errorf("delta %+v; want read 3 and getattr 2 (lookup unchanged, left out)", d)
+	}
+	if got := FmtFUSE(d); !strings.HasPrefix(got, "5 (read 3, getattr 2) in ") {
+		t.Errorf("FmtFUSE = %q", got)
+	}
+	if got := FmtFUSE(map[string]FUSEUse{}); got != "0" {
+		t.Errorf("FmtFUSE of nothing = %q", got)
+	}
+}

@@ -58,15 +58,56 @@ type Run struct {
 	// run's images (all of them when several start at once) is local: on
 	// a full pull the PullImage call (the slowest one), since the layers
 	// are unpacked when it returns; on Streamer until the snapshotter's
-	// status, polled every 100 ms from readiness on, reports every layer
-	// complete (every chunk cached and the layer checked against its
-	// diffID). 0 when not measured or not reached (see NotComplete).
+	// status reports every layer complete (every chunk cached and the
+	// layer checked against its diffID), at the time the snapshotter
+	// recorded for the last of them (its status is polled every 100 ms
+	// once the first requests are done). 0 when not measured or not
+	// reached (see NotComplete).
 	Complete time.Duration
 	// CompleteBytes crossed the link from the PullImage call until then.
 	CompleteBytes int64
 	// NotComplete says why the layers were not all complete: the time
 	// limit passed, a layer failed verification.
 	NotComplete string `json:",omitempty"`
+	// RequestFUSE are the FUSE requests the snapshotter served while the
+	// first requests ran, by operation (Streamer only): what of the
+	// requests' latency went through the layer mounts.
+	RequestFUSE map[string]FUSEUse `json:",omitempty"`
+}
+
+// FUSEUse is a count of FUSE requests and the time spent serving them.
+type FUSEUse struct {
+	Count   int64
+	Seconds float64
+}
+
+// FmtFUSE prints FUSE use by operation, most used first: "12 (lookup 8,
+// read 4) in 1.2 ms".
+func FmtFUSE(u map[string]FUSEUse) string {
+	ops := make([]string, 0, len(u))
+	var n int64
+	var secs float64
+	for op, x := range u {
+		if x.Count > 0 {
+			ops = append(ops, op)
+			n += x.Count
+			secs += x.Seconds
+		}
+	}
+	if n == 0 {
+		return "0"
+	}
+	sort.Slice(ops, func(i, j int) bool {
+		if u[ops[i]].Count != u[ops[j]].Count {
+			return u[ops[i]].Count > u[ops[j]].Count
+		}
+		return ops[i] < ops[j]
+	})
+	parts := make([]string, len(ops))
+	for i, op := range ops {
+		parts[i] = fmt.Sprintf("%s %d", op, u[op].Count)
+	}
+	return fmt.Sprintf("%d (%s) in %s", n, strings.Join(parts, ", "), FmtDuration(time.Duration(secs*float64(time.Second))))
 }
 
 // Cell is the runs of one image in one mode and scenario.

@@ -619,6 +619,76 @@ func (n *node) onDemandBytes(ctx context.Context) (int64, error) {
 	return ParseMetric(resp.Body, `streamer_fetched_bytes_by_cause_total{cause="on_demand"}`)
 }
 
+// fuseUse reads the snapshotter's FUSE request counts and times by
+// operation (nil on a full pull).
+func (n *node) fuseUse(ctx context.Context) (map[string]FUSEUse, error) {
+	if n.metrics == "" {
+		return nil, nil
+	}
+	client := harness.UnixHTTPClient(n.metrics)
+	defer client.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("read snapshotter metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	return ParseFUSEUse(resp.Body)
+}
+
+// ParseFUSEUse reads streamer_fuse_operation_duration_seconds_count and
+// _sum by operation from a metrics page.
+func ParseFUSEUse(r io.Reader) (map[string]FUSEUse, error) {
+	const name = "streamer_fuse_operation_duration_seconds"
+	out := map[string]FUSEUse{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), name+"_")
+		if !ok {
+			continue
+		}
+		kind, rest, ok := strings.Cut(rest, `{op="`)
+		if !ok || (kind != "count" && kind != "sum") {
+			continue
+		}
+		op, val, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.Fields(val)[0], 64)
+		if err != nil {
+			return nil, fmt.Errorf("metric %s_%s{op=%q}: %w", name, kind, op, err)
+		}
+		u := out[op]
+		if kind == "count" {
+			u.Count = int64(f)
+		} else {
+			u.Seconds = f
+		}
+		out[op] = u
+	}
+	return out, sc.Err()
+}
+
+// fuseDelta is what after counts beyond before.
+func fuseDelta(before, after map[string]FUSEUse) map[string]FUSEUse {
+	if after == nil {
+		return nil
+	}
+	out := map[string]FUSEUse{}
+	for op, a := range after {
+		b := before[op]
+		if d := (FUSEUse{Count: a.Count - b.Count, Seconds: a.Seconds - b.Seconds}); d.Count > 0 {
+			out[op] = d
+		}
+	}
+	return out
+}
+
 // ParseMetric finds the value of one series (name with labels, exactly as
 // the Prometheus text format prints it) in a metrics page.
 func ParseMetric(r io.Reader, series string) (int64, error) {
@@ -664,13 +734,16 @@ type measured struct {
 	linkBytes, startupBytes int64
 	// complete runs from the PullImage calls until every layer of every
 	// image of the run is local: the slowest PullImage call on a full
-	// pull, the first poll of the snapshotter's status that finds every
-	// layer complete on Streamer (0 when not measured or not reached);
+	// pull, when the last layer became complete by the snapshotter's
+	// status on Streamer (0 when not measured or not reached);
 	// completeBytes crossed the link by then. notComplete says why it was
 	// not reached.
 	complete      time.Duration
 	completeBytes int64
 	notComplete   string
+	// requestFUSE are the FUSE requests served during the first
+	// requests (of every pod).
+	requestFUSE map[string]FUSEUse
 }
 
 // measure runs the pods cold: sandboxes first (as kubelet does before
@@ -770,8 +843,18 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	readyWG.Wait()
 	rx1, rxErr := b.link.RxBytes()
 	startup, mErr := n.onDemandBytes(ctx)
+	fuseBefore, fErr := n.fuseUse(ctx)
 	close(allReady)
 	wg.Wait()
+	if fErr == nil {
+		var fuseAfter map[string]FUSEUse
+		if fuseAfter, fErr = n.fuseUse(ctx); fErr == nil {
+			m.requestFUSE = fuseDelta(fuseBefore, fuseAfter)
+		}
+	}
+	if fErr != nil {
+		b.cfg.logf("warning: FUSE requests during the first requests not known: %v", fErr)
+	}
 	for _, p := range pods {
 		if p.err != nil {
 			return m, p.err
@@ -907,13 +990,16 @@ func (b *bench) cellOne(ctx context.Context, n *node, im benchImage) error {
 // run is a Run with the figures of m; the caller adds the pods' times.
 func (m measured) run() Run {
 	return Run{LinkBytes: m.linkBytes, StartupBytes: m.startupBytes,
-		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete}
+		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete, RequestFUSE: m.requestFUSE}
 }
 
 func (b *bench) progress(c Cell, i int, r Run) {
 	extra := ""
 	if r.StartupBytes >= 0 {
 		extra = fmt.Sprintf(", %s on demand", FmtBytes(r.StartupBytes))
+	}
+	if r.RequestFUSE != nil {
+		extra += "; FUSE requests during the first requests: " + FmtFUSE(r.RequestFUSE)
 	}
 	b.cfg.logf("[%s | %s | %s] run %d/%d: pull %s, ready %s, first requests %s mean, %s over the link%s",
 		c.Image, c.Mode, c.Scenario, i+1, b.cfg.Runs, FmtDuration(r.Pull), FmtDuration(r.Ready), FmtDuration(Mean(r.FirstRequests)), FmtBytes(r.LinkBytes), extra)

@@ -821,3 +821,35 @@ func TestWriteModes(t *testing.T) {
 		})
 	}
 }
+
+// TestUncheckedPaths: PutVerified stores what its caller checked (and
+// still refuses a malformed digest); GetColdUnchecked returns a chunk's
+// bytes as they are on disk, damage included, for a caller that hashes
+// them itself, while GetCold still catches the damage and removes it.
+func TestUncheckedPaths(t *testing.T) {
+	s := openStore(t, Options{MemoryBytes: -1})
+	b, d := chunk("unchecked", 10000)
+	if err := s.PutVerified("sha256:nothex", b, true); err == nil {
+		t.Error("PutVerified took a malformed digest")
+	}
+	if err := s.PutVerified(d, b, true); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := s.GetColdUnchecked(d); !ok || !bytes.Equal(got, b) {
+		t.Fatalf("GetColdUnchecked of a sound chunk: %v", ok)
+	}
+	damaged := bytes.Clone(b)
+	damaged[5000] ^= 1
+	if err := os.WriteFile(s.path(d), damaged, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := s.GetColdUnchecked(d); !ok || !bytes.Equal(got, damaged) {
+		t.Errorf("GetColdUnchecked: %v; want the bytes on disk as they are", ok)
+	}
+	if _, ok := s.GetCold(d); ok {
+		t.Error("GetCold served a damaged chunk")
+	}
+	if s.Has(d) {
+		t.Error("damaged chunk still indexed after GetCold")
+	}
+}

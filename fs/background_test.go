@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	iofs "io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -523,6 +524,55 @@ func TestBackgroundBridgesCachedChunks(t *testing.T) {
 	// whole blob (about 700 KiB, under max_coalesce) instead of 100.
 	if len(calls) > 2 || total > toc.BlobSize {
 		t.Errorf("%d range requests, %d bytes (blob %d); want at most 2 requests, the blob at most once: %+v", len(calls), total, toc.BlobSize, calls)
+	}
+	readAll(t, dir, want)
+}
+
+// TestCompletionRefetchesDamagedChunk: a chunk damaged on disk before the
+// layer's completion check makes the rebuilt tar mismatch its diffID; the
+// check then finds the damaged chunk, which is fetched again, and the
+// layer completes: it is not taken for a layer whose TOC is wrong.
+func TestCompletionRefetchesDamagedChunk(t *testing.T) {
+	e := newManagerEnv(t)
+	want := files{"app/a.bin": randomBytes(401, 300<<10), "app/b.bin": randomBytes(402, 300<<10)}
+	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/damaged", want.tar(t), true)
+
+	// A first daemon, background fetch off, reads the files: their
+	// chunks are cached, the layer is not complete.
+	m := e.managerWith(t, nil, func(o *fs.ManagerOptions) { o.Background = false })
+	readAll(t, managerMount(t, m, img.labels()), want)
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.cache.Close()
+	var chunks []string
+	filepath.WalkDir(filepath.Join(e.root, "cache", "sha256"), func(p string, de iofs.DirEntry, err error) error {
+		if err == nil && !de.IsDir() {
+			chunks = append(chunks, p)
+		}
+		return nil
+	})
+	if len(chunks) == 0 {
+		t.Fatal("no chunk cached by the reads")
+	}
+	b, err := os.ReadFile(chunks[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0x01
+	if err := os.WriteFile(chunks[0], b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	m = e.managerWith(t, nil, nil)
+	dir := managerMount(t, m, img.labels())
+	s := waitStatus(t, m, img.layer, 30*time.Second, "complete or bad", func(s fs.LayerStatus) bool { return s.Complete || s.Bad })
+	if !s.Complete || s.Bad || m.Stats().LayersBad != 0 {
+		t.Fatalf("status %+v, layers bad %d: want the damaged chunk fetched again and the layer complete", s, m.Stats().LayersBad)
+	}
+	got, err := os.ReadFile(chunks[0])
+	if err != nil || digest.FromBytes(got).Encoded() != filepath.Base(chunks[0]) {
+		t.Errorf("damaged chunk not stored again whole: %v", err)
 	}
 	readAll(t, dir, want)
 }

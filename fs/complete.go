@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -38,6 +39,35 @@ type layerState struct {
 	bad      atomic.Bool
 	// completedAt is when complete was set (unix nanoseconds).
 	completedAt atomic.Int64
+	// cachedMemo keeps the last count of cachedBytes for the status
+	// (statusCountEvery).
+	cachedMemo struct {
+		sync.Mutex
+		at time.Time
+		n  int64
+	}
+}
+
+// statusCountEvery bounds how often the status counts a layer's cached
+// chunks: a base layer has tens of thousands, and a poll every 100 ms
+// would spend a few percent of the daemon's CPU on it while the
+// background fetch wants it.
+const statusCountEvery = time.Second
+
+// statusCachedBytes is cachedBytes for the status: at most
+// statusCountEvery old.
+func (st *layerState) statusCachedBytes(now time.Time) int64 {
+	if st.complete.Load() {
+		return st.toc.TarSize
+	}
+	memo := &st.cachedMemo
+	memo.Lock()
+	defer memo.Unlock()
+	if memo.at.IsZero() || now.Sub(memo.at) >= statusCountEvery {
+		memo.n, _ = st.cachedBytes()
+		memo.at = now
+	}
+	return memo.n
 }
 
 // markComplete records that every chunk is cached and verified.
@@ -93,7 +123,9 @@ func (st *layerState) verify(ctx context.Context) error {
 		if c.Offset != pos {
 			return st.markBad(fmt.Sprintf("chunk %d starts at %d, want %d", i, c.Offset, pos))
 		}
-		b, ok := st.m.opts.Cache.GetCold(c.Digest)
+		// Not checked chunk by chunk here: the tar's digest covers every
+		// byte, and a mismatch looks at the chunks again below.
+		b, ok := st.m.opts.Cache.GetColdUnchecked(c.Digest)
 		if !ok {
 			return errChunksMissing
 		}
@@ -101,9 +133,15 @@ func (st *layerState) verify(ctx context.Context) error {
 		pos += int64(len(b))
 	}
 	if pos != st.toc.TarSize {
+		if st.chunksDamaged() {
+			return errChunksMissing
+		}
 		return st.markBad(fmt.Sprintf("chunks hold %d tar bytes, want %d", pos, st.toc.TarSize))
 	}
 	if got := h.Digest(); got != want {
+		if st.chunksDamaged() {
+			return errChunksMissing
+		}
 		return st.markBad(fmt.Sprintf("tar rebuilt from its chunks has digest %s, want diffID %s", got, want))
 	}
 	st.rec.Complete = true
@@ -114,6 +152,23 @@ func (st *layerState) verify(ctx context.Context) error {
 	st.markComplete()
 	st.log.WithFields(logrus.Fields{"op": "verify", "bytes": pos, "took": time.Since(start).Round(time.Millisecond)}).Info("layer complete: every chunk cached and the tar matches its diffID")
 	return nil
+}
+
+// chunksDamaged checks each cached chunk of the layer against its digest
+// (the cache removes those that fail), so that a chunk damaged on disk is
+// fetched again rather than taken for a TOC that does not describe the
+// layer. It reports whether any was missing or damaged.
+func (st *layerState) chunksDamaged() bool {
+	damaged := false
+	for _, c := range st.toc.Chunks {
+		if _, ok := st.m.opts.Cache.GetCold(c.Digest); !ok {
+			damaged = true
+		}
+	}
+	if damaged {
+		st.log.WithField("op", "verify").Warn("cached chunks of the layer were damaged on disk; fetching them again before checking the layer")
+	}
+	return damaged
 }
 
 // markBad records that the layer failed its diffID check: the mount that
@@ -180,7 +235,7 @@ func (m *Manager) Status() []LayerStatus {
 	now := time.Now()
 	out := make([]LayerStatus, 0, len(states))
 	for i, st := range states {
-		cached, _ := st.cachedBytes()
+		cached := st.statusCachedBytes(now)
 		s := LayerStatus{
 			Image:            st.image,
 			Layer:            st.layer,

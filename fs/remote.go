@@ -171,12 +171,12 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	if err != nil {
 		return nil, err
 	}
-	put := r.cache.Put
-	if why == causeBackground {
-		put = r.cache.PutCold // not read now: keep the memory cache for reads
-	}
+	// Background chunks are not read now: they go to disk only, so that
+	// the memory cache keeps what is read. fetchRun checked every chunk
+	// against its digest.
+	cold := why == causeBackground
 	for i, c := range cs {
-		if err := put(c.Digest, bs[i]); err != nil {
+		if err := r.cache.PutVerified(c.Digest, bs[i], cold); err != nil {
 			r.log.WithError(err).WithField("chunk", c.Digest).Warn("cache chunk")
 		}
 	}

@@ -47,6 +47,11 @@ type Config struct {
 	Mix bool
 	// Modes to measure.
 	Modes []Mode
+	// RequestsAfterComplete makes Streamer runs send the first requests
+	// only once every layer is complete, instead of right after
+	// readiness: it tells the cost of the fetch still running from that of
+	// the data path.
+	RequestsAfterComplete bool
 	// CompleteTimeout is how long a Streamer run waits, after readiness,
 	// for every layer of its images to be complete; a run that reaches it
 	// is recorded as not complete. 0 does not wait (complete is not
@@ -843,6 +848,42 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	readyWG.Wait()
 	rx1, rxErr := b.link.RxBytes()
 	startup, mErr := n.onDemandBytes(ctx)
+	// The completion poll starts once the requests are done, so that
+	// status requests (and the snapshotter's work answering them) do not
+	// share the node with the requests measured; the snapshotter reports
+	// when each layer became complete, so a late first poll does not move
+	// the time measured. With RequestsAfterComplete the requests wait for
+	// it instead.
+	type pollOutcome struct {
+		res   CompleteResult
+		rx    int64
+		rxErr error
+		err   error
+	}
+	var polled chan pollOutcome
+	pctx, pcancel := context.WithCancel(ctx)
+	defer pcancel()
+	startPoll := func() {
+		polled = make(chan pollOutcome, 1)
+		poll := b.completePoll(n, pods)
+		go func() {
+			var o pollOutcome
+			o.res, o.err = poll.Wait(pctx)
+			if o.res.Complete {
+				o.rx, o.rxErr = b.link.RxBytes()
+			}
+			polled <- o
+		}()
+	}
+	failed := false
+	for _, p := range pods {
+		failed = failed || p.err != nil
+	}
+	if n.waitComplete && b.cfg.RequestsAfterComplete && !failed {
+		startPoll()
+		o := <-polled
+		polled <- o
+	}
 	fuseBefore, fErr := n.fuseUse(ctx)
 	close(allReady)
 	wg.Wait()
@@ -860,31 +901,8 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 			return m, p.err
 		}
 	}
-	// The completion poll starts once the requests are done, so that
-	// status requests (and the snapshotter's work answering them) do not
-	// share the node with the requests measured; the snapshotter reports
-	// when each layer became complete, so a late first poll does not move
-	// the time measured.
-	type pollOutcome struct {
-		res   CompleteResult
-		rx    int64
-		rxErr error
-		err   error
-	}
-	var polled chan pollOutcome
-	pctx, pcancel := context.WithCancel(ctx)
-	defer pcancel()
-	if n.waitComplete {
-		polled = make(chan pollOutcome, 1)
-		poll := b.completePoll(n, pods)
-		go func() {
-			var o pollOutcome
-			o.res, o.err = poll.Wait(pctx)
-			if o.res.Complete {
-				o.rx, o.rxErr = b.link.RxBytes()
-			}
-			polled <- o
-		}()
+	if n.waitComplete && polled == nil {
+		startPoll()
 	}
 	if rxErr != nil {
 		return m, rxErr

@@ -37,19 +37,20 @@ func main() {
 func run(r *harness.Runner) error {
 	home, _ := os.UserHomeDir()
 	var (
-		quick     = flag.Bool("quick", false, "one small busybox image (no debootstrap), 2 runs, 2 pods, same-region: proves the harness works in a few minutes")
-		images    = flag.String("images", "python,java,node,data", "images to measure, comma-separated: python, java, node, data")
-		profile   = flag.String("profile", "same-region", "link profile: same-region (1 Gbit/s, 1 ms) or cross-region (200 Mbit/s, 40 ms)")
-		runs      = flag.Int("runs", 5, "cold runs per cell")
-		pods      = flag.Int("pods", 5, "pods of one image started at once in the scale scenario (0 or 1 skips it)")
-		mix       = flag.Bool("mix", true, "also start three different images at once (the first three of -images)")
-		modes     = flag.String("modes", "full,lazy,prefetch", "modes: full (overlayfs pull), lazy (Streamer), prefetch (Streamer with a prefetch list)")
-		dataSize  = flag.String("data-size", "2GiB", "size of the data image's unread files")
-		cache     = flag.String("cache", filepath.Join(home, ".cache", "streamer", "bench"), "cache of built images, the Debian base and the registry storage")
-		out       = flag.String("out", "", "results directory (default <cache>/results/<UTC time>)")
-		linkID    = flag.Int("link-id", os.Getpid()%16000, "picks the network namespace name and the /30 in 10.250.0.0/16")
-		buildOnly = flag.Bool("build-only", false, "build (or find cached) the images and exit")
-		complete  = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
+		quick         = flag.Bool("quick", false, "one small busybox image (no debootstrap), 2 runs, 2 pods, same-region: proves the harness works in a few minutes")
+		images        = flag.String("images", "python,java,node,data", "images to measure, comma-separated: python, java, node, data")
+		profile       = flag.String("profile", "same-region", "link profile: same-region (1 Gbit/s, 1 ms) or cross-region (200 Mbit/s, 40 ms)")
+		runs          = flag.Int("runs", 5, "cold runs per cell")
+		pods          = flag.Int("pods", 5, "pods of one image started at once in the scale scenario (0 or 1 skips it)")
+		mix           = flag.Bool("mix", true, "also start three different images at once (the first three of -images)")
+		modes         = flag.String("modes", "full,lazy,prefetch", "modes: full (overlayfs pull), lazy (Streamer), prefetch (Streamer with a prefetch list)")
+		dataSize      = flag.String("data-size", "2GiB", "size of the data image's unread files")
+		cache         = flag.String("cache", filepath.Join(home, ".cache", "streamer", "bench"), "cache of built images, the Debian base and the registry storage")
+		out           = flag.String("out", "", "results directory (default <cache>/results/<UTC time>)")
+		linkID        = flag.Int("link-id", os.Getpid()%16000, "picks the network namespace name and the /30 in 10.250.0.0/16")
+		buildOnly     = flag.Bool("build-only", false, "build (or find cached) the images and exit")
+		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
+		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
 	flag.Parse()
 	set := map[string]bool{}
@@ -135,7 +136,8 @@ func run(r *harness.Runner) error {
 	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
 		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
-		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
+		RequestsAfterComplete: *afterComplete,
+		DelayProxy:            []string{self, "delay-proxy"}, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {
 		files, werr := bench.WriteResults(*out, rep)

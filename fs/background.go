@@ -626,7 +626,13 @@ func (j *layerJob) stop(p *hostPool) {
 // cached, it verifies the layer; when some are missing and background
 // fetch is on, it sends the cursor round again.
 func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
+	select {
+	case backgroundCPU <- struct{}{}:
+	case <-ctx.Done():
+		return nil // the layer is going away
+	}
 	err := j.st.verify(ctx)
+	<-backgroundCPU
 	if errors.Is(err, errChunksMissing) {
 		p.mu.Lock()
 		defer p.mu.Unlock()

@@ -29,6 +29,15 @@ import (
 // it, and all it wants of an idle one.
 const backgroundNice = 10
 
+// backgroundCPU holds a slot per goroutine doing background CPU work
+// (decompressing, hashing and writing a background run, a completion
+// check): one fewer than GOMAXPROCS, at least one. The worker's thread
+// runs at backgroundNice, but Go's scheduler does not know it: background
+// goroutines busy on every P would leave the handlers of FUSE requests (a
+// starting container's reads) runnable with no P to run on until the
+// runtime preempts one, up to 10 ms later.
+var backgroundCPU = make(chan struct{}, max(1, runtime.GOMAXPROCS(0)-1))
+
 var (
 	niceOnce sync.Once
 	niceOK   bool

@@ -167,12 +167,32 @@ func framesBetween(cs []artifact.Chunk, i, j int) bool {
 // fetchAndStore fetches back-to-back chunks with one request and puts
 // them in the cache.
 func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, why cause) ([][]byte, error) {
-	bs, err := r.fetchRun(ctx, cs, why)
-	if err != nil {
-		return nil, err
+	var bs [][]byte
+	if why == causeBackground {
+		b, err := r.readRun(ctx, cs, why)
+		if err != nil {
+			return nil, err
+		}
+		// Decompressing, hashing and writing a background run is the
+		// daemon's heaviest CPU work: it takes one of backgroundCPU's
+		// slots, so that FUSE requests always find a P.
+		select {
+		case backgroundCPU <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		defer func() { <-backgroundCPU }()
+		if bs, err = r.decodeRun(cs, b, why); err != nil {
+			return nil, err
+		}
+	} else {
+		var err error
+		if bs, err = r.fetchRun(ctx, cs, why); err != nil {
+			return nil, err
+		}
 	}
 	// Background chunks are not read now: they go to disk only, so that
-	// the memory cache keeps what is read. fetchRun checked every chunk
+	// the memory cache keeps what is read. decodeRun checked every chunk
 	// against its digest.
 	cold := why == causeBackground
 	for i, c := range cs {
@@ -187,6 +207,15 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 // and verifies each. On-demand requests take one of the host's foreground
 // slots and make background work yield while they run.
 func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk, why cause) ([][]byte, error) {
+	b, err := r.readRun(ctx, cs, why)
+	if err != nil {
+		return nil, err
+	}
+	return r.decodeRun(cs, b, why)
+}
+
+// readRun reads the frames of back-to-back chunks with one range request.
+func (r *remoteReader) readRun(ctx context.Context, cs []artifact.Chunk, why cause) ([]byte, error) {
 	first, last := cs[0], cs[len(cs)-1]
 	off := first.CompressedOffset
 	n := last.CompressedOffset + last.CompressedSize - off
@@ -216,6 +245,13 @@ func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk, why ca
 	if int64(len(b)) != n {
 		return nil, fmt.Errorf("fetch %d chunks at %d of blob %s: got %d bytes, want %d", len(cs), off, r.blob, len(b), n)
 	}
+	return b, nil
+}
+
+// decodeRun decompresses the frames b of chunks cs (read by readRun) and
+// checks each against its digest.
+func (r *remoteReader) decodeRun(cs []artifact.Chunk, b []byte, why cause) ([][]byte, error) {
+	off := cs[0].CompressedOffset
 	out := make([][]byte, len(cs))
 	for i, c := range cs {
 		lo := c.CompressedOffset - off

@@ -626,19 +626,28 @@ func (j *layerJob) stop(p *hostPool) {
 // cached, it verifies the layer; when some are missing and background
 // fetch is on, it sends the cursor round again.
 func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
-	select {
-	case backgroundCPU <- struct{}{}:
-	case <-ctx.Done():
+	release, err := takeBackgroundCPU(ctx)
+	if err != nil {
 		return nil // the layer is going away
 	}
-	err := j.st.verify(ctx)
-	<-backgroundCPU
+	err = j.st.verify(ctx)
+	release()
 	if errors.Is(err, errChunksMissing) {
+		var missing []int
+		if j.background {
+			// Asked of the cache before taking the pool's lock, which
+			// on-demand reads take to queue their read-ahead.
+			for i, c := range j.toc.Chunks {
+				if !p.s.opts.cache.Has(c.Digest) {
+					missing = append(missing, i)
+				}
+			}
+		}
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		if j.background {
 			j.passes++
-			j.logMissingLocked(p)
+			j.logMissingLocked(p, missing)
 			j.cursor = 0
 			j.idle = false
 			if j.passes > 1 {
@@ -654,22 +663,14 @@ func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
 
 // logMissingLocked says which chunks a completion check found missing
 // and whether a fetch of them is in flight.
-func (j *layerJob) logMissingLocked(p *hostPool) {
-	var missing, inflight int
-	var first []int
-	for i, c := range j.toc.Chunks {
-		if p.s.opts.cache.Has(c.Digest) {
-			continue
-		}
-		missing++
-		if p.inflight[c.Digest] > 0 {
+func (j *layerJob) logMissingLocked(p *hostPool, missing []int) {
+	inflight := 0
+	for _, i := range missing {
+		if p.inflight[j.toc.Chunks[i].Digest] > 0 {
 			inflight++
 		}
-		if len(first) < 5 {
-			first = append(first, i)
-		}
 	}
-	j.log.WithFields(logrus.Fields{"op": "verify", "pass": j.passes, "missing": missing, "inflight": inflight, "first": first, "running": j.running}).Info("completion check: chunks missing")
+	j.log.WithFields(logrus.Fields{"op": "verify", "pass": j.passes, "missing": len(missing), "inflight": inflight, "first": missing[:min(len(missing), 5)], "running": j.running}).Info("completion check: chunks missing")
 }
 
 // rateWindow measures a rate over the last rateSpan.

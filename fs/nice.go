@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"context"
 	"runtime"
 	"sync"
 
@@ -37,6 +38,16 @@ const backgroundNice = 10
 // starting container's reads) runnable with no P to run on until the
 // runtime preempts one, up to 10 ms later.
 var backgroundCPU = make(chan struct{}, max(1, runtime.GOMAXPROCS(0)-1))
+
+// takeBackgroundCPU waits for a backgroundCPU slot; release gives it back.
+func takeBackgroundCPU(ctx context.Context) (release func(), err error) {
+	select {
+	case backgroundCPU <- struct{}{}:
+		return func() { <-backgroundCPU }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
 
 var (
 	niceOnce sync.Once

@@ -167,29 +167,23 @@ func framesBetween(cs []artifact.Chunk, i, j int) bool {
 // fetchAndStore fetches back-to-back chunks with one request and puts
 // them in the cache.
 func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, why cause) ([][]byte, error) {
-	var bs [][]byte
+	b, err := r.readRun(ctx, cs, why)
+	if err != nil {
+		return nil, err
+	}
 	if why == causeBackground {
-		b, err := r.readRun(ctx, cs, why)
-		if err != nil {
-			return nil, err
-		}
 		// Decompressing, hashing and writing a background run is the
 		// daemon's heaviest CPU work: it takes one of backgroundCPU's
 		// slots, so that FUSE requests always find a P.
-		select {
-		case backgroundCPU <- struct{}{}:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-		defer func() { <-backgroundCPU }()
-		if bs, err = r.decodeRun(cs, b, why); err != nil {
+		release, err := takeBackgroundCPU(ctx)
+		if err != nil {
 			return nil, err
 		}
-	} else {
-		var err error
-		if bs, err = r.fetchRun(ctx, cs, why); err != nil {
-			return nil, err
-		}
+		defer release()
+	}
+	bs, err := r.decodeRun(cs, b, why)
+	if err != nil {
+		return nil, err
 	}
 	// Background chunks are not read now: they go to disk only, so that
 	// the memory cache keeps what is read. decodeRun checked every chunk

@@ -304,7 +304,7 @@ func (s *Store) Put(d digest.Digest, b []byte) error {
 	if err := checkPut(d, b); err != nil {
 		return err
 	}
-	return s.put(d, append([]byte(nil), b...), true)
+	return s.PutVerified(d, b, false)
 }
 
 // PutCold stores a chunk that nobody is reading now (a background fetch):
@@ -314,7 +314,7 @@ func (s *Store) PutCold(d digest.Digest, b []byte) error {
 	if err := checkPut(d, b); err != nil {
 		return err
 	}
-	return s.put(d, b, false)
+	return s.PutVerified(d, b, true)
 }
 
 // PutVerified is Put, or PutCold when cold, for bytes the caller has just

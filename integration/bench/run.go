@@ -610,18 +610,12 @@ func (n *node) onDemandBytes(ctx context.Context) (int64, error) {
 	if n.metrics == "" {
 		return -1, nil
 	}
-	client := harness.UnixHTTPClient(n.metrics)
-	defer client.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/metrics", nil)
-	if err != nil {
-		return -1, err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return -1, fmt.Errorf("read snapshotter metrics: %w", err)
-	}
-	defer resp.Body.Close()
-	return ParseMetric(resp.Body, `streamer_fetched_bytes_by_cause_total{cause="on_demand"}`)
+	v := int64(-1)
+	err := n.scrapeMetrics(ctx, func(r io.Reader) (err error) {
+		v, err = ParseMetric(r, `streamer_fetched_bytes_by_cause_total{cause="on_demand"}`)
+		return err
+	})
+	return v, err
 }
 
 // fuseUse reads the snapshotter's FUSE request counts and times by
@@ -630,18 +624,28 @@ func (n *node) fuseUse(ctx context.Context) (map[string]FUSEUse, error) {
 	if n.metrics == "" {
 		return nil, nil
 	}
+	var u map[string]FUSEUse
+	err := n.scrapeMetrics(ctx, func(r io.Reader) (err error) {
+		u, err = ParseFUSEUse(r)
+		return err
+	})
+	return u, err
+}
+
+// scrapeMetrics gets the snapshotter's metrics page and hands it to parse.
+func (n *node) scrapeMetrics(ctx context.Context, parse func(io.Reader) error) error {
 	client := harness.UnixHTTPClient(n.metrics)
 	defer client.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://snapshotter/metrics", nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("read snapshotter metrics: %w", err)
+		return fmt.Errorf("read snapshotter metrics: %w", err)
 	}
 	defer resp.Body.Close()
-	return ParseFUSEUse(resp.Body)
+	return parse(resp.Body)
 }
 
 // ParseFUSEUse reads streamer_fuse_operation_duration_seconds_count and

@@ -57,6 +57,72 @@ func benchBlob(b *testing.B, c *fetcher.Client, ref fetcher.Ref, seed uint64, n 
 	return toc, d
 }
 
+// benchRegistry is a registry on loopback and a client of one repository
+// in it, for the benchmarks of the background fetch.
+type benchRegistry struct {
+	client *fetcher.Client
+	ref    fetcher.Ref
+	log    *logrus.Entry
+}
+
+func newBenchRegistry(b *testing.B, repo string) *benchRegistry {
+	b.Helper()
+	reg := testenv.Registry(b, testenv.RegistryOptions{})
+	client, err := fetcher.New(fetcher.Options{Retries: -1, Timeout: 30 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ref, err := fetcher.ParseRef(reg.Host + "/" + repo)
+	if err != nil {
+		b.Fatal(err)
+	}
+	log := logrus.NewEntry(logrus.New())
+	log.Logger.SetLevel(logrus.WarnLevel)
+	return &benchRegistry{client: client, ref: ref, log: log}
+}
+
+// benchNode is a cache, a Manager and the registry's scheduler pool, in a
+// fresh directory.
+type benchNode struct {
+	r     *benchRegistry
+	store *cache.Store
+	m     *Manager
+	sched *scheduler
+	pool  *hostPool
+}
+
+func (r *benchRegistry) node(b *testing.B) *benchNode {
+	b.Helper()
+	dir := b.TempDir()
+	store, err := cache.Open(cache.Options{Dir: filepath.Join(dir, "cache"), MaxBytes: 1 << 30, MemoryBytes: -1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := &Manager{opts: ManagerOptions{Root: dir, Cache: store}, log: r.log}
+	os.MkdirAll(recordDir(dir), 0o700)
+	sched := newScheduler(schedulerOptions{fgConcurrency: 8, bgConcurrency: 4, maxCoalesce: 4 << 20, background: true, cache: store, log: r.log})
+	return &benchNode{r: r, store: store, m: m, sched: sched, pool: sched.pool(r.ref.Host)}
+}
+
+// reader reads blob for a layer counting into st (nil: none).
+func (n *benchNode) reader(blob digest.Digest, st *layerStats) *remoteReader {
+	r := n.r
+	return &remoteReader{src: r.client, ref: r.ref, blob: blob, cache: n.store, host: n.pool, maxCoalesce: 4 << 20, log: r.log, stats: &n.m.stats, layer: st}
+}
+
+// layer is a mounted layer of toc, its streaming blob being blob, and its
+// background job (not started).
+func (n *benchNode) layer(toc *artifact.TOC, blob digest.Digest) (*layerState, *layerJob) {
+	st := &layerState{m: n.m, layer: toc.Layer, rec: layerRecord{Ref: n.r.ref.String()}, toc: toc, log: n.r.log, pool: n.pool}
+	st.reader = n.reader(blob, &st.stats)
+	return st, newLayerJob(st, false, true, 4<<20, 0)
+}
+
+func (n *benchNode) close() {
+	n.sched.close()
+	n.store.Close()
+}
+
 // BenchmarkOnDemandLatencyWithBackground measures on-demand chunk reads
 // (one 64 KiB chunk per read, through the remoteReader's on-demand path,
 // against a real registry on loopback) with no background work, and while
@@ -64,19 +130,9 @@ func benchBlob(b *testing.B, c *fetcher.Client, ref fetcher.Ref, seed uint64, n 
 // with a pause between reads let background work resume between them,
 // the worst case for a read arriving while background runs are in flight.
 func BenchmarkOnDemandLatencyWithBackground(b *testing.B) {
-	reg := testenv.Registry(b, testenv.RegistryOptions{})
-	client, err := fetcher.New(fetcher.Options{Retries: -1, Timeout: 30 * time.Second})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ref, err := fetcher.ParseRef(reg.Host + "/bench/layers:v1")
-	if err != nil {
-		b.Fatal(err)
-	}
-	small, smallBlob := benchBlob(b, client, ref, 1, 256, 64<<10)
-	big, bigBlob := benchBlob(b, client, ref, 2, 160, 1<<20)
-	log := logrus.NewEntry(logrus.New())
-	log.Logger.SetLevel(logrus.WarnLevel)
+	r := newBenchRegistry(b, "bench/layers:v1")
+	small, smallBlob := benchBlob(b, r.client, r.ref, 1, 256, 64<<10)
+	big, bigBlob := benchBlob(b, r.client, r.ref, 2, 160, 1<<20)
 
 	for _, tc := range []struct {
 		name       string
@@ -89,28 +145,14 @@ func BenchmarkOnDemandLatencyWithBackground(b *testing.B) {
 		{"background-gap50ms", true, 50 * time.Millisecond},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			dir := b.TempDir()
-			store, err := cache.Open(cache.Options{Dir: filepath.Join(dir, "cache"), MaxBytes: 1 << 30, MemoryBytes: -1})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer store.Close()
-			m := &Manager{opts: ManagerOptions{Root: dir, Cache: store}, log: log}
-			os.MkdirAll(recordDir(dir), 0o700)
-			sched := newScheduler(schedulerOptions{fgConcurrency: 8, bgConcurrency: 4, maxCoalesce: 4 << 20, background: true, cache: store, log: log})
-			defer sched.close()
-			pool := sched.pool(ref.Host)
-			reader := func(blob digest.Digest, st *layerStats) *remoteReader {
-				return &remoteReader{src: client, ref: ref, blob: blob, cache: store, host: pool, maxCoalesce: 4 << 20, log: log, stats: &m.stats, layer: st}
-			}
-			onDemand := reader(smallBlob, nil)
-			var job *layerJob
+			n := r.node(b)
+			defer n.close()
+			m := n.m
+			onDemand := n.reader(smallBlob, nil)
 			if tc.background {
-				st := &layerState{m: m, layer: big.Layer, rec: layerRecord{Ref: ref.String()}, toc: big, log: log, pool: pool}
-				st.reader = reader(bigBlob, &st.stats)
-				job = newLayerJob(st, false, true, 4<<20, 0)
-				pool.add(job)
-				defer job.stop(pool)
+				st, job := n.layer(big, bigBlob)
+				n.pool.add(job)
+				defer job.stop(n.pool)
 				// Let the background workers get going.
 				deadline := time.Now().Add(5 * time.Second)
 				for st.stats.fetched.Load() == 0 && time.Now().Before(deadline) {
@@ -147,17 +189,7 @@ func BenchmarkOnDemandLatencyWithBackground(b *testing.B) {
 // files) and as 16384 chunks of 4 KiB (a base layer of many small files,
 // each file its own chunk).
 func BenchmarkBackgroundComplete(b *testing.B) {
-	reg := testenv.Registry(b, testenv.RegistryOptions{})
-	client, err := fetcher.New(fetcher.Options{Retries: -1, Timeout: 30 * time.Second})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ref, err := fetcher.ParseRef(reg.Host + "/bench/complete:v1")
-	if err != nil {
-		b.Fatal(err)
-	}
-	log := logrus.NewEntry(logrus.New())
-	log.Logger.SetLevel(logrus.WarnLevel)
+	r := newBenchRegistry(b, "bench/complete:v1")
 	for _, tc := range []struct {
 		name    string
 		n, size int
@@ -168,24 +200,14 @@ func BenchmarkBackgroundComplete(b *testing.B) {
 		{name: "1MiB-chunks", n: 64, size: 1 << 20, seed: 3},
 		{name: "4KiB-chunks", n: 16384, size: 4 << 10, seed: 4},
 	} {
-		tc.toc, tc.blob = benchBlob(b, client, ref, tc.seed, tc.n, tc.size)
+		tc.toc, tc.blob = benchBlob(b, r.client, r.ref, tc.seed, tc.n, tc.size)
 		b.Run(tc.name, func(b *testing.B) {
 			for b.Loop() {
 				b.StopTimer()
-				dir := b.TempDir()
-				store, err := cache.Open(cache.Options{Dir: filepath.Join(dir, "cache"), MaxBytes: 1 << 30, MemoryBytes: -1})
-				if err != nil {
-					b.Fatal(err)
-				}
-				m := &Manager{opts: ManagerOptions{Root: dir, Cache: store}, log: log}
-				os.MkdirAll(recordDir(dir), 0o700)
-				sched := newScheduler(schedulerOptions{fgConcurrency: 8, bgConcurrency: 4, maxCoalesce: 4 << 20, background: true, cache: store, log: log})
-				pool := sched.pool(ref.Host)
-				st := &layerState{m: m, layer: tc.toc.Layer, rec: layerRecord{Ref: ref.String()}, toc: tc.toc, log: log, pool: pool}
-				st.reader = &remoteReader{src: client, ref: ref, blob: tc.blob, cache: store, host: pool, maxCoalesce: 4 << 20, log: log, stats: &m.stats, layer: &st.stats}
-				job := newLayerJob(st, false, true, 4<<20, 0)
+				n := r.node(b)
+				st, job := n.layer(tc.toc, tc.blob)
 				b.StartTimer()
-				pool.add(job)
+				n.pool.add(job)
 				deadline := time.Now().Add(2 * time.Minute)
 				for !st.complete.Load() && !st.bad.Load() && time.Now().Before(deadline) {
 					time.Sleep(time.Millisecond)
@@ -194,9 +216,8 @@ func BenchmarkBackgroundComplete(b *testing.B) {
 				if !st.complete.Load() {
 					b.Fatalf("layer not complete after 2 min (bad: %v)", st.bad.Load())
 				}
-				job.stop(pool)
-				sched.close()
-				store.Close()
+				job.stop(n.pool)
+				n.close()
 				b.StartTimer()
 			}
 			b.SetBytes(int64(tc.n * tc.size))

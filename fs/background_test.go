@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	iofs "io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -545,13 +544,7 @@ func TestCompletionRefetchesDamagedChunk(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.cache.Close()
-	var chunks []string
-	filepath.WalkDir(filepath.Join(e.root, "cache", "sha256"), func(p string, de iofs.DirEntry, err error) error {
-		if err == nil && !de.IsDir() {
-			chunks = append(chunks, p)
-		}
-		return nil
-	})
+	chunks := chunkFiles(filepath.Join(e.root, "cache"))
 	if len(chunks) == 0 {
 		t.Fatal("no chunk cached by the reads")
 	}

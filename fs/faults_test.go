@@ -146,6 +146,18 @@ func startNode(t *testing.T, client *fetcher.Client, root string, mods ...func(*
 	return n, stop
 }
 
+// chunkFiles lists the chunk files of the cache in dir.
+func chunkFiles(dir string) []string {
+	var chunks []string
+	filepath.WalkDir(filepath.Join(dir, "sha256"), func(p string, de fs.DirEntry, err error) error {
+		if err == nil && !de.IsDir() {
+			chunks = append(chunks, p)
+		}
+		return nil
+	})
+	return chunks
+}
+
 // assertCacheSound checks that every chunk file in dir holds bytes whose
 // sha256 is its name, and returns how many there are.
 func assertCacheSound(t *testing.T, dir string) int {
@@ -405,13 +417,7 @@ func TestFaultsCacheOnDisk(t *testing.T) {
 	}
 	stop()
 
-	var chunks []string
-	filepath.WalkDir(filepath.Join(n.cacheDir(), "sha256"), func(p string, de fs.DirEntry, err error) error {
-		if err == nil && !de.IsDir() {
-			chunks = append(chunks, p)
-		}
-		return nil
-	})
+	chunks := chunkFiles(n.cacheDir())
 	if len(chunks) < 2 {
 		t.Fatalf("%d chunks cached; want at least 2", len(chunks))
 	}

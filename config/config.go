@@ -56,6 +56,10 @@ type Fetch struct {
 	Background            bool `toml:"background" comment:"After mount, fetch the rest of every layer in the background until it is complete and verified against its diffID."`
 	BackgroundConcurrency int  `toml:"background_concurrency" comment:"Concurrent background range requests per registry host (on-demand reads have their own fetch.concurrency)."`
 	BackgroundRateLimit   Size `toml:"background_rate_limit" comment:"Bytes per second all background fetches together may read; 0 means unlimited."`
+	// BackgroundYield* make background work give way to the node's pods.
+	BackgroundYieldCgroups []string `toml:"background_yield_cgroups" comment:"The cgroup of the node's pods, the first found of these names (under the cgroup v1 cpuacct hierarchy or the unified one; absolute paths also work): background fetch waits while it uses more than background_yield_cpu of the node's CPUs, so that containers serve their first requests at full speed (busy pods slow it down, never stop it). Empty turns it off."`
+	BackgroundYieldCPU     float64  `toml:"background_yield_cpu" comment:"Share of the node's CPUs (0 to 1) the pods may use, in the last 10ms or on average, before background fetch waits for them; 0 turns it off."`
+	BackgroundYieldWindow  Duration `toml:"background_yield_window" comment:"Time constant of the pods' average CPU use: background fetch also waits while that average is over background_yield_cpu, so it stays back for a moment after a busy startup (the first requests come then) but not after a short burst."`
 	// RecordWindow is how long after a layer mounts its first reads are
 	// recorded into the image's startup profile (GET /profile).
 	RecordWindow Duration `toml:"record_window" comment:"How long after a layer mounts the files read from it are recorded, per image in first-read order, for GET /profile (streamer profile); 0 records nothing."`
@@ -102,10 +106,13 @@ func DefaultDaemon() Daemon {
 			PrefetchGap:   1 * MiB,
 			Readahead:     2 * MiB,
 
-			Background:            true,
-			BackgroundConcurrency: 4,
-			BackgroundRateLimit:   0,
-			RecordWindow:          Duration(2 * time.Minute),
+			Background:             true,
+			BackgroundConcurrency:  4,
+			BackgroundRateLimit:    0,
+			BackgroundYieldCgroups: []string{"kubepods.slice", "kubepods"},
+			BackgroundYieldCPU:     0.25,
+			BackgroundYieldWindow:  Duration(time.Second),
+			RecordWindow:           Duration(2 * time.Minute),
 		},
 	}
 }
@@ -220,6 +227,17 @@ func (d Daemon) Validate() error {
 	}
 	if d.Fetch.RecordWindow < 0 {
 		bad("fetch.record_window", "must not be negative (0 records nothing), got %s", d.Fetch.RecordWindow)
+	}
+	if d.Fetch.BackgroundYieldCPU < 0 || d.Fetch.BackgroundYieldCPU > 1 {
+		bad("fetch.background_yield_cpu", "must be between 0 (off) and 1, got %g", d.Fetch.BackgroundYieldCPU)
+	}
+	if d.Fetch.BackgroundYieldWindow < Duration(time.Millisecond) {
+		bad("fetch.background_yield_window", "must be at least 1ms (write a string such as \"1s\"), got %s", d.Fetch.BackgroundYieldWindow)
+	}
+	for _, c := range d.Fetch.BackgroundYieldCgroups {
+		if c == "" || !filepath.IsAbs(c) && strings.Contains(c, "..") {
+			bad("fetch.background_yield_cgroups", "must list cgroup names or absolute paths, got %q", c)
+		}
 	}
 	if d.Fetch.BackgroundRateLimit < 0 {
 		bad("fetch.background_rate_limit", "must not be negative (0 is unlimited), got %d", d.Fetch.BackgroundRateLimit)

@@ -58,6 +58,7 @@ type schedulerOptions struct {
 	maxCoalesce   int64 // compressed bytes per background request
 	background    bool  // fetch whole layers, not only prefetch lists
 	rateLimit     int64 // background bytes per second, 0 unlimited
+	pods          podWatchOptions
 	cache         *cache.Store
 	log           *logrus.Entry
 }
@@ -66,6 +67,7 @@ type schedulerOptions struct {
 type scheduler struct {
 	opts    schedulerOptions
 	limiter *rate.Limiter // nil when unlimited
+	pods    *podWatch     // nil when background work does not watch the pods
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -76,6 +78,10 @@ type scheduler struct {
 
 func newScheduler(opts schedulerOptions) *scheduler {
 	s := &scheduler{opts: opts, hosts: map[string]*hostPool{}}
+	if opts.pods.log == nil {
+		opts.pods.log = opts.log
+	}
+	s.pods = newPodWatch(opts.pods)
 	if opts.rateLimit > 0 {
 		// The burst must hold the largest request waited for at once.
 		s.limiter = rate.NewLimiter(rate.Limit(opts.rateLimit), int(max(opts.rateLimit, opts.maxCoalesce)))
@@ -154,12 +160,13 @@ func (p *hostPool) fgEnd() {
 	p.fgActive.Add(-1)
 }
 
-// yield waits while on-demand requests run on this host, up to fgMaxYield.
+// yield waits while on-demand requests run on this host, then while the
+// node's pods are busy (podWatch), up to fgMaxYield in all.
 func (p *hostPool) yield(ctx context.Context) {
 	deadline := time.Now().Add(fgMaxYield)
 	for time.Now().Before(deadline) {
 		if p.fgActive.Load() == 0 && time.Since(time.Unix(0, p.fgLast.Load())) >= fgQuiet {
-			return
+			break
 		}
 		select {
 		case <-ctx.Done():
@@ -167,6 +174,7 @@ func (p *hostPool) yield(ctx context.Context) {
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+	p.s.pods.wait(ctx, time.Until(deadline))
 }
 
 // notifyLocked wakes the workers.
@@ -379,15 +387,17 @@ func (p *hostPool) fetch(ctx context.Context, t *task) error {
 		for _, c := range chunks {
 			n += c.CompressedSize
 		}
+		rctx := ctx
 		if t.why == causeBackground {
 			// Prefetch runs serve the startup under way: they share the
 			// link with its on-demand reads instead of waiting for them.
-			p.yield(ctx)
+			rctx = withPodBudget(ctx)
+			p.yield(rctx)
 		}
 		if err := p.s.waitRate(ctx, n); err != nil {
 			return err
 		}
-		if _, err := j.reader.fetchAndStore(ctx, chunks, t.why); err != nil {
+		if _, err := j.reader.fetchAndStore(rctx, chunks, t.why); err != nil {
 			return err
 		}
 	}
@@ -626,6 +636,9 @@ func (j *layerJob) stop(p *hostPool) {
 // cached, it verifies the layer; when some are missing and background
 // fetch is on, it sends the cursor round again.
 func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
+	if j.toc.TarSize > podCheapCheck {
+		p.s.pods.wait(ctx, fgMaxYield)
+	}
 	release, err := takeBackgroundCPU(ctx)
 	if err != nil {
 		return nil // the layer is going away

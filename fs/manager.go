@@ -90,6 +90,15 @@ type ManagerOptions struct {
 	// BackgroundRateLimit bounds the bytes per second all background
 	// requests read together; 0 is unlimited.
 	BackgroundRateLimit int64
+	// YieldCgroups names the cgroup holding the node's pods (the first
+	// found of these names, under the v1 cpuacct hierarchy or the unified
+	// one, or absolute paths): while the pods use more than YieldCPU of
+	// the node's CPUs, in the last 10 ms or on average over YieldWindow
+	// (default 1 s), background requests and background decoding wait
+	// (see podWatch). None, or a YieldCPU of 0, turns it off.
+	YieldCgroups []string
+	YieldCPU     float64
+	YieldWindow  time.Duration
 	// RecordWindow is how long after a layer mounts the files read from
 	// it are recorded, in first-read order, into its image's startup
 	// profile (Profile); 0 records nothing.
@@ -195,6 +204,7 @@ func NewManager(opts ManagerOptions) (*Manager, error) {
 			maxCoalesce:   opts.MaxCoalesce,
 			background:    opts.Background,
 			rateLimit:     opts.BackgroundRateLimit,
+			pods:          podWatchOptions{cgroups: opts.YieldCgroups, share: opts.YieldCPU, window: opts.YieldWindow},
 			cache:         opts.Cache,
 			log:           opts.Logger,
 		}),
@@ -771,6 +781,9 @@ type ManagerStats struct {
 	// LayersBad the layers that failed their diffID check since start.
 	LayersComplete int
 	LayersBad      int64
+	// YieldedToPods is how long background work waited for the node's
+	// pods to stop using the CPU, summed over the workers that waited.
+	YieldedToPods time.Duration
 }
 
 // Stats returns the Manager's counters.
@@ -792,6 +805,7 @@ func (m *Manager) Stats() ManagerStats {
 		FetchLatency:    m.stats.latency.snapshot(),
 		LayersComplete:  complete,
 		LayersBad:       m.stats.layersBad.Load(),
+		YieldedToPods:   m.sched.pods.waitedFor(),
 		Mounted:         len(m.mounts),
 		MountsTotal:     m.mountsTotal,
 		Fallbacks:       m.fallbacks,

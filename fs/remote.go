@@ -174,7 +174,10 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	if why == causeBackground {
 		// Decompressing, hashing and writing a background run is the
 		// daemon's heaviest CPU work: it takes one of backgroundCPU's
-		// slots, so that FUSE requests always find a P.
+		// slots, so that FUSE requests always find a P, once the pods
+		// are not busy (they may have become so during the read; the
+		// run's wait before its request and this one share a budget).
+		r.host.s.pods.wait(ctx, fgMaxYield)
 		release, err := takeBackgroundCPU(ctx)
 		if err != nil {
 			return nil, err

@@ -65,6 +65,9 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 		Background:            cfg.Fetch.Background,
 		BackgroundConcurrency: cfg.Fetch.BackgroundConcurrency,
 		BackgroundRateLimit:   int64(cfg.Fetch.BackgroundRateLimit),
+		YieldCgroups:          cfg.Fetch.BackgroundYieldCgroups,
+		YieldCPU:              cfg.Fetch.BackgroundYieldCPU,
+		YieldWindow:           time.Duration(cfg.Fetch.BackgroundYieldWindow),
 		RecordWindow:          time.Duration(cfg.Fetch.RecordWindow),
 		Logger:                log.G(ctx),
 	})
@@ -141,12 +144,13 @@ var (
 	descPushed    = prometheus.NewDesc("streamer_page_cache_pushed_bytes_total", "Bytes of prefetch-listed files written into the kernel's page cache when first opened (fetch.page_cache_push).", nil, nil)
 	descFUSE      = prometheus.NewDesc("streamer_fuse_operation_duration_seconds", "Latency of FUSE requests served by the layer mounts, from the read of the request to the write of its answer, by operation (lookup, getattr, open, read, readdirplus...).", []string{"op"}, nil)
 	descLayersBad = prometheus.NewDesc("streamer_layer_verification_failures_total", "Layers whose tar rebuilt from verified chunks did not match their diffID.", nil, nil)
+	descYielded   = prometheus.NewDesc("streamer_background_yield_to_pods_seconds_total", "Time background workers waited for the node's pods to stop using the CPU (fetch.background_yield_cpu), summed over workers.", nil, nil)
 )
 
 var allDescs = []*prometheus.Desc{
 	descMounted, descMounts, descFallbacks, descFetched, descRequests, descBad, descCache, descChunks,
 	descFetchedBy, descLatency, descHits, descMisses, descEvictions, descLayersOK, descLayersBad, descPushed,
-	descFUSE,
+	descFUSE, descYielded,
 }
 
 // constHistogram is h as a Prometheus histogram (cumulative buckets).
@@ -192,6 +196,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descLayersOK, prometheus.GaugeValue, float64(s.LayersComplete))
 	ch <- prometheus.MustNewConstMetric(descLayersBad, prometheus.CounterValue, float64(s.LayersBad))
 	ch <- prometheus.MustNewConstMetric(descPushed, prometheus.CounterValue, float64(s.PushedBytes))
+	ch <- prometheus.MustNewConstMetric(descYielded, prometheus.CounterValue, s.YieldedToPods.Seconds())
 }
 
 // StatusResponse is the body of GET /status.

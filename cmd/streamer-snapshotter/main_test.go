@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strings"
 	"syscall"
@@ -144,7 +145,7 @@ func TestPrintDefaultConfig(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Errorf("printed config does not validate: %v", err)
 	}
-	if cfg.Root != config.DefaultDaemon().Root || cfg.Fetch != config.DefaultDaemon().Fetch {
+	if cfg.Root != config.DefaultDaemon().Root || !reflect.DeepEqual(cfg.Fetch, config.DefaultDaemon().Fetch) {
 		t.Errorf("printed config is not the default: %+v", cfg)
 	}
 }

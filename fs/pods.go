@@ -1,0 +1,283 @@
+package fs
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// Background work gives way to the node's containers. A container that has
+// just started serves its first requests while the rest of its image is
+// still arriving; on a small node the fetch (the kernel receiving it, the
+// daemon decompressing, hashing and writing it) takes CPU those requests
+// need, and they come out several times slower than on a pulled image.
+// So the scheduler watches the CPU time of the cgroup that holds the pods
+// (kubelet's kubepods.slice or kubepods) and holds background requests
+// and the decoding of background runs back:
+//
+//   - while the last sample (10 ms) shows the pods using more than a share
+//     of the node's CPUs: requests to a running container stop the
+//     background fetch within a sample;
+//   - while their average use (exponential, over the window, 1 s) is above
+//     that share: after a busy startup it stays up for a moment, which
+//     covers the first requests right after readiness, while a short burst
+//     of a busy node barely moves it.
+//
+// Busy pods slow the background fetch down but never stop it: the waits
+// of a run end once the pods have been busy for podBusyCap of them (a
+// startup that keeps the CPU busy for seconds still lets each worker make
+// a run every half second), and each after the caller's limit in any case
+// (fgMaxYield). The check of a layer of less than a MiB does not wait.
+// Prefetch and read-ahead runs never wait: they serve the startup itself.
+
+const (
+	// podSample is the shortest time between two samples of the pods'
+	// CPU time; their use is the difference over it.
+	podSample = 10 * time.Millisecond
+	// podStale is how old a sample may be and still be the start of the
+	// next difference: older, a fresh pair is taken.
+	podStale = 200 * time.Millisecond
+	// podFind is how often a cgroup not found yet is looked for again
+	// (kubelet creates it when it starts).
+	podFind = 5 * time.Second
+	// podBusyCap is how long the pods may be seen busy during the waits
+	// of one background run, or of a layer's check, before they end
+	// anyway: busy pods leave each worker a run every half second.
+	podBusyCap = 500 * time.Millisecond
+	// podCheapCheck is the largest layer whose check does not wait: it
+	// hashes in about a millisecond.
+	podCheapCheck = 1 << 20
+)
+
+// podWatchOptions configure a podWatch.
+type podWatchOptions struct {
+	// cgroups are the names (or absolute paths) of the cgroup to watch,
+	// the first found being used; none disables the watch.
+	cgroups []string
+	// root is where cgroup filesystems are mounted ("/sys/fs/cgroup").
+	root string
+	// share is the fraction of the node's CPUs the pods may use before
+	// background work waits; 0 disables the watch.
+	share float64
+	// window is the time constant of the pods' average CPU use.
+	window time.Duration
+	cpus   int
+	log    *logrus.Entry
+}
+
+// podWatch samples the CPU time of the pods' cgroup.
+type podWatch struct {
+	opts podWatchOptions
+
+	mu        sync.Mutex
+	file      string // the cgroup's usage file, "" until found
+	v2        bool   // file is cpu.stat (usage_usec), else cpuacct.usage (ns)
+	findAt    time.Time
+	sampledAt time.Time
+	usage     time.Duration
+	now       bool    // the last sample was over the share
+	average   float64 // CPUs, exponential over opts.window
+
+	waited atomic.Int64 // nanoseconds background work waited for the pods
+}
+
+// newPodWatch returns nil when the options disable the watch.
+func newPodWatch(o podWatchOptions) *podWatch {
+	if len(o.cgroups) == 0 || o.share <= 0 {
+		return nil
+	}
+	if o.root == "" {
+		o.root = "/sys/fs/cgroup"
+	}
+	if o.cpus <= 0 {
+		o.cpus = runtime.NumCPU()
+	}
+	if o.window <= 0 {
+		o.window = time.Second
+	}
+	if o.log == nil {
+		o.log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	return &podWatch{opts: o}
+}
+
+// findLocked looks for the first of the configured cgroups, in the
+// cgroup v1 cpuacct hierarchy or the unified (v2) one.
+func (w *podWatch) findLocked(now time.Time) {
+	if w.file != "" || now.Sub(w.findAt) < podFind && !w.findAt.IsZero() {
+		return
+	}
+	w.findAt = now
+	for _, name := range w.opts.cgroups {
+		var dirs []string
+		if filepath.IsAbs(name) {
+			dirs = []string{name}
+		} else {
+			dirs = []string{
+				filepath.Join(w.opts.root, "cpuacct", name),
+				filepath.Join(w.opts.root, "cpu,cpuacct", name),
+				filepath.Join(w.opts.root, name),
+			}
+		}
+		for _, d := range dirs {
+			for _, f := range []struct {
+				name string
+				v2   bool
+			}{{"cpuacct.usage", false}, {"cpu.stat", true}} {
+				p := filepath.Join(d, f.name)
+				if _, err := readUsage(p, f.v2); err == nil {
+					w.file, w.v2 = p, f.v2
+					w.opts.log.WithFields(logrus.Fields{"op": "background", "cgroup": d}).Info("background fetch gives way to the CPU use of this cgroup")
+					return
+				}
+			}
+		}
+	}
+}
+
+// readUsage reads the cumulative CPU time of a cgroup from its
+// cpuacct.usage (v1, nanoseconds) or cpu.stat (v2, usage_usec).
+func readUsage(path string, v2 bool) (time.Duration, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	if !v2 {
+		n, err := strconv.ParseInt(string(bytes.TrimSpace(b)), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("read CPU time of %s: %w", path, err)
+		}
+		return time.Duration(n), nil
+	}
+	for line := range bytes.SplitSeq(b, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("usage_usec ")); ok {
+			n, err := strconv.ParseInt(string(bytes.TrimSpace(v)), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("read CPU time of %s: %w", path, err)
+			}
+			return time.Duration(n) * time.Microsecond, nil
+		}
+	}
+	return 0, fmt.Errorf("read CPU time of %s: no usage_usec", path)
+}
+
+// busy samples the pods' CPU time (at most once per podSample) and
+// reports whether they were over their share of the node's CPUs in the
+// last sample (now) and whether background work should wait (hold: now,
+// or their average is over it). A sample too old to start a difference
+// from is followed by another after podSample.
+func (w *podWatch) busy(ctx context.Context) (now, hold bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	at := time.Now()
+	w.findLocked(at)
+	if w.file == "" {
+		return false, false
+	}
+	if at.Sub(w.sampledAt) >= podSample {
+		if at.Sub(w.sampledAt) > podStale {
+			// The average takes the whole gap at its mean rate; the
+			// last sample needs a short interval of its own.
+			if !w.sampleLocked(at) {
+				return false, false
+			}
+			select {
+			case <-ctx.Done():
+				return false, false
+			case <-time.After(podSample):
+			}
+			at = time.Now()
+		}
+		if !w.sampleLocked(at) {
+			return false, false
+		}
+	}
+	return w.stateLocked()
+}
+
+// stateLocked is busy's answer from the samples taken.
+func (w *podWatch) stateLocked() (now, hold bool) {
+	return w.now, w.now || w.average > w.opts.share*float64(w.opts.cpus)
+}
+
+// sampleLocked reads the usage; a cgroup gone is looked for again.
+func (w *podWatch) sampleLocked(now time.Time) bool {
+	u, err := readUsage(w.file, w.v2)
+	if err != nil {
+		w.opts.log.WithError(err).WithField("op", "background").Warn("cannot read the pods' CPU time; background fetch no longer gives way to them until the cgroup is found again")
+		w.file, w.findAt, w.sampledAt = "", now, time.Time{}
+		w.now, w.average = false, 0
+		return false
+	}
+	if !w.sampledAt.IsZero() {
+		dt := now.Sub(w.sampledAt)
+		cpus := float64(u-w.usage) / float64(dt)
+		w.now = cpus > w.opts.share*float64(w.opts.cpus)
+		w.average += (1 - math.Exp(-float64(dt)/float64(w.opts.window))) * (cpus - w.average)
+	}
+	w.sampledAt, w.usage = now, u
+	return true
+}
+
+// podBudget is how long the pods may still be seen busy in the waits of
+// one run (it waits before its request and before its decoding, against
+// one budget).
+type podBudget struct{ left time.Duration }
+
+type podBudgetKey struct{}
+
+// withPodBudget returns ctx carrying a fresh budget for the waits of one
+// run.
+func withPodBudget(ctx context.Context) context.Context {
+	return context.WithValue(ctx, podBudgetKey{}, &podBudget{left: podBusyCap})
+}
+
+// wait returns once background work need not wait for the pods, or once
+// they have been seen busy for the budget in ctx (withPodBudget; with
+// none, podBusyCap), or after limit, or when ctx ends.
+func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
+	if w == nil {
+		return
+	}
+	b, ok := ctx.Value(podBudgetKey{}).(*podBudget)
+	if !ok {
+		b = &podBudget{left: podBusyCap}
+	}
+	start := time.Now()
+	for last := start; time.Since(start) < limit && b.left > 0; {
+		now, hold := w.busy(ctx)
+		if !hold {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+		at := time.Now()
+		w.waited.Add(int64(at.Sub(last)))
+		if now {
+			b.left -= at.Sub(last)
+		}
+		last = at
+	}
+}
+
+// waitedFor is how long background work has waited for the pods, summed
+// over the goroutines that waited.
+func (w *podWatch) waitedFor() time.Duration {
+	if w == nil {
+		return 0
+	}
+	return time.Duration(w.waited.Load())
+}

@@ -94,15 +94,24 @@ type Pod struct {
 	cri    *CRI
 }
 
-// RunPod runs a pod sandbox named name on host networking.
+// PodsCgroup is the cgroup under which pods run, as kubelet's cgroupfs
+// driver places BestEffort pods: kubepods/besteffort/pod<uid>. The
+// snapshotter's background fetch watches kubepods (fetch.
+// background_yield_cgroups).
+const PodsCgroup = "/kubepods/besteffort"
+
+// RunPod runs a pod sandbox named name on host networking, in a cgroup
+// of its own under PodsCgroup.
 func (c *CRI) RunPod(ctx context.Context, name, logDir string) (*Pod, error) {
 	n := podSeq.Add(1)
+	uid := fmt.Sprintf("%s-%d-%d", name, os.Getpid(), n)
 	cfg := &runtime.PodSandboxConfig{
 		Metadata: &runtime.PodSandboxMetadata{
-			Name: name, Namespace: "default", Uid: fmt.Sprintf("%s-%d-%d", name, os.Getpid(), n),
+			Name: name, Namespace: "default", Uid: uid,
 		},
 		LogDirectory: logDir,
 		Linux: &runtime.LinuxPodSandboxConfig{
+			CgroupParent:    PodsCgroup + "/pod" + uid,
 			SecurityContext: &runtime.LinuxSandboxSecurityContext{NamespaceOptions: hostNetwork()},
 		},
 	}
@@ -124,7 +133,26 @@ func (p *Pod) Remove(ctx context.Context) error {
 	if _, err := p.cri.Runtime.RemovePodSandbox(ctx, &runtime.RemovePodSandboxRequest{PodSandboxId: p.ID}); err != nil {
 		return fmt.Errorf("CRI remove pod %s: %w", p.ID, err)
 	}
+	removePodCgroup(p.Config.GetLinux().GetCgroupParent())
 	return nil
+}
+
+// removePodCgroup removes a pod's cgroup, which runc created with its
+// first container and leaves (kubelet removes it), in every hierarchy,
+// and its parents up to kubepods when they are empty.
+func removePodCgroup(parent string) {
+	if parent == "" {
+		return
+	}
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*")
+	roots = append(roots, "/sys/fs/cgroup")
+	for _, r := range roots {
+		for d := parent; d != "/" && d != "."; d = filepath.Dir(d) {
+			if err := os.Remove(filepath.Join(r, d)); err != nil {
+				break // not there, or still holding others' cgroups
+			}
+		}
+	}
 }
 
 // ContainerSpec describes a container to start in a pod.

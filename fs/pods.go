@@ -207,7 +207,13 @@ func (w *podWatch) busy(ctx context.Context) (now, hold bool) {
 
 // stateLocked is busy's answer from the samples taken.
 func (w *podWatch) stateLocked() (now, hold bool) {
-	return w.now, w.now || w.average > w.opts.share*float64(w.opts.cpus)
+	return w.now, w.now || w.over(w.average)
+}
+
+// over reports whether the pods using cpus CPUs are over their share of
+// the node's.
+func (w *podWatch) over(cpus float64) bool {
+	return cpus > w.opts.share*float64(w.opts.cpus)
 }
 
 // sampleLocked reads the usage; a cgroup gone is looked for again.
@@ -222,7 +228,7 @@ func (w *podWatch) sampleLocked(now time.Time) bool {
 	if !w.sampledAt.IsZero() {
 		dt := now.Sub(w.sampledAt)
 		cpus := float64(u-w.usage) / float64(dt)
-		w.now = cpus > w.opts.share*float64(w.opts.cpus)
+		w.now = w.over(cpus)
 		w.average += (1 - math.Exp(-float64(dt)/float64(w.opts.window))) * (cpus - w.average)
 	}
 	w.sampledAt, w.usage = now, u

@@ -73,6 +73,9 @@ type Run struct {
 	// first requests ran, by operation (Streamer only): what of the
 	// requests' latency went through the layer mounts.
 	RequestFUSE map[string]FUSEUse `json:",omitempty"`
+	// RequestCPU is the CPU time the parts of the node used while the
+	// first requests ran: what ran beside the pods.
+	RequestCPU *CPUUse `json:",omitempty"`
 }
 
 // FUSEUse is a count of FUSE requests and the time spent serving them.

@@ -57,6 +57,12 @@ type Config struct {
 	// is recorded as not complete. 0 does not wait (complete is not
 	// measured for Streamer).
 	CompleteTimeout time.Duration
+	// PerfDir, when set, records the whole machine with `perf record -a
+	// -g` around each run's first requests, into a file per run there:
+	// what ran beside the pods. perf starts 300 ms before the requests and
+	// its own work shows in their CPU figures, so a run with it is for
+	// looking into, not for comparing.
+	PerfDir string
 	// LinkID picks the namespace, interfaces and /30 (see NewLink).
 	LinkID int
 	// DelayProxy is the command line prefix that runs the delay proxy
@@ -118,6 +124,8 @@ type bench struct {
 	mu      sync.Mutex
 	runSeq  int
 	prefNA  string // why prefetch cells are not measured
+	// regPIDs are the registry's and the delay proxy's processes.
+	regPIDs []int
 }
 
 type benchImage struct {
@@ -230,6 +238,7 @@ func (b *bench) startRegistry(ctx context.Context) error {
 		return err
 	}
 	b.r.Cleanup(func() { rp.Stop(5 * time.Second) })
+	b.regPIDs = append(b.regPIDs, rp.PID())
 	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	if err := harness.WaitFor(wctx, rp, "registry in "+b.link.NS, func(ctx context.Context) error {
@@ -245,6 +254,7 @@ func (b *bench) startRegistry(ctx context.Context) error {
 		return err
 	}
 	b.r.Cleanup(func() { dp.Stop(5 * time.Second) })
+	b.regPIDs = append(b.regPIDs, dp.PID())
 	return harness.WaitFor(wctx, dp, "delay proxy in "+b.link.NS, func(ctx context.Context) error {
 		_, err := httpStatus(ctx, "http://"+b.host+"/v2/")
 		return err
@@ -753,6 +763,8 @@ type measured struct {
 	// requestFUSE are the FUSE requests served during the first
 	// requests (of every pod).
 	requestFUSE map[string]FUSEUse
+	// requestCPU is the CPU time of the node's parts meanwhile.
+	requestCPU *CPUUse
 }
 
 // measure runs the pods cold: sandboxes first (as kubelet does before
@@ -889,8 +901,14 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 		polled <- o
 	}
 	fuseBefore, fErr := n.fuseUse(ctx)
+	parts := b.cpuParts(n)
+	stopPerf := b.startPerf(n)
+	cpuBefore := sampleCPU(parts)
 	close(allReady)
 	wg.Wait()
+	m.requestCPU = cpuBetween(cpuBefore, sampleCPU(parts))
+	stopPerf()
+	m.requestCPU = cpuBetween(cpuBefore, sampleCPU(parts))
 	if fErr == nil {
 		var fuseAfter map[string]FUSEUse
 		if fuseAfter, fErr = n.fuseUse(ctx); fErr == nil {
@@ -947,6 +965,41 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 		}
 	}
 	return m, nil
+}
+
+// cpuParts are the processes of the node whose CPU time is read around
+// the first requests.
+func (b *bench) cpuParts(n *node) cpuParts {
+	p := cpuParts{"containerd": {n.cd.PID()}, "registry": b.regPIDs, "bench": {os.Getpid()}}
+	if n.sn != nil {
+		p["snapshotter"] = []int{n.sn.PID()}
+	}
+	return p
+}
+
+// startPerf starts `perf record` of the whole machine when Config.PerfDir
+// is set (see there); the returned func stops it and waits for its file.
+func (b *bench) startPerf(n *node) (stop func()) {
+	if b.cfg.PerfDir == "" {
+		return func() {}
+	}
+	name := fmt.Sprintf("perf-%s-%s.data", strings.ReplaceAll(string(n.mode), " ", "-"), time.Now().UTC().Format("150405.000"))
+	path := filepath.Join(b.cfg.PerfDir, name)
+	cmd := exec.Command("perf", "record", "-a", "-g", "-F", "4999", "-o", path)
+	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	if err := cmd.Start(); err != nil {
+		b.cfg.logf("warning: perf record: %v", err)
+		return func() {}
+	}
+	time.Sleep(300 * time.Millisecond)
+	return func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		if err := cmd.Wait(); err != nil {
+			b.cfg.logf("warning: perf record: %v", err)
+			return
+		}
+		b.cfg.logf("perf record of the first requests: %s", path)
+	}
 }
 
 // describePods names the images of pods, for messages.
@@ -1012,7 +1065,7 @@ func (b *bench) cellOne(ctx context.Context, n *node, im benchImage) error {
 // run is a Run with the figures of m; the caller adds the pods' times.
 func (m measured) run() Run {
 	return Run{LinkBytes: m.linkBytes, StartupBytes: m.startupBytes,
-		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete, RequestFUSE: m.requestFUSE}
+		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete, RequestFUSE: m.requestFUSE, RequestCPU: m.requestCPU}
 }
 
 func (b *bench) progress(c Cell, i int, r Run) {
@@ -1022,6 +1075,9 @@ func (b *bench) progress(c Cell, i int, r Run) {
 	}
 	if r.RequestFUSE != nil {
 		extra += "; FUSE requests during the first requests: " + FmtFUSE(r.RequestFUSE)
+	}
+	if r.RequestCPU != nil {
+		extra += "; CPU meanwhile: " + FmtCPU(r.RequestCPU)
 	}
 	b.cfg.logf("[%s | %s | %s] run %d/%d: pull %s, ready %s, first requests %s mean, %s over the link%s",
 		c.Image, c.Mode, c.Scenario, i+1, b.cfg.Runs, FmtDuration(r.Pull), FmtDuration(r.Ready), FmtDuration(Mean(r.FirstRequests)), FmtBytes(r.LinkBytes), extra)

@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -50,6 +51,7 @@ func run(r *harness.Runner) error {
 		linkID        = flag.Int("link-id", os.Getpid()%16000, "picks the network namespace name and the /30 in 10.250.0.0/16")
 		buildOnly     = flag.Bool("build-only", false, "build (or find cached) the images and exit")
 		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
+		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) around each run's first requests, one file per run in this directory: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
 		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
 	flag.Parse()
@@ -69,6 +71,14 @@ func run(r *harness.Runner) error {
 	p, ok := bench.Profiles[*profile]
 	if !ok {
 		return fmt.Errorf("-profile %q: want same-region or cross-region", *profile)
+	}
+	if *perfDir != "" {
+		if _, err := exec.LookPath("perf"); err != nil {
+			return fmt.Errorf("-perf: %w (Debian: apt-get install linux-perf)", err)
+		}
+		if err := os.MkdirAll(*perfDir, 0o755); err != nil {
+			return fmt.Errorf("-perf: %w", err)
+		}
 	}
 	if *complete < 0 {
 		return fmt.Errorf("-complete-timeout %v: want 0 or more", *complete)
@@ -136,8 +146,8 @@ func run(r *harness.Runner) error {
 	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
 		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
-		RequestsAfterComplete: *afterComplete,
-		DelayProxy:            []string{self, "delay-proxy"}, Logf: logf,
+		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir,
+		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {
 		files, werr := bench.WriteResults(*out, rep)

@@ -391,7 +391,7 @@ func (p *hostPool) fetch(ctx context.Context, t *task) error {
 		if t.why == causeBackground {
 			// Prefetch runs serve the startup under way: they share the
 			// link with its on-demand reads instead of waiting for them.
-			rctx = withPodBudget(ctx)
+			rctx = p.s.pods.withBudget(ctx)
 			p.yield(rctx)
 		}
 		if err := p.s.waitRate(ctx, n); err != nil {
@@ -637,6 +637,7 @@ func (j *layerJob) stop(p *hostPool) {
 // fetch is on, it sends the cursor round again.
 func (j *layerJob) complete(ctx context.Context, p *hostPool) error {
 	if j.toc.TarSize > podCheapCheck {
+		ctx = p.s.pods.withBudget(ctx)
 		p.s.pods.wait(ctx, fgMaxYield)
 	}
 	release, err := takeBackgroundCPU(ctx)

@@ -120,6 +120,9 @@ func (st *layerState) verify(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("verify layer %s: %w", st.layer, err)
 		}
+		// A check in the background gives way to busy pods (ctx
+		// carries its budget); others do not wait.
+		podPause(ctx)
 		if c.Offset != pos {
 			return st.markBad(fmt.Sprintf("chunk %d starts at %d, want %d", i, c.Offset, pos))
 		}

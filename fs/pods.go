@@ -33,11 +33,17 @@ import (
 //     covers the first requests right after readiness, while a short burst
 //     of a busy node barely moves it.
 //
+// A run already under way when the pods get busy pauses between its
+// chunks (decoding, hashing, writing) while the last sample shows them
+// busy: writing a run of small files' chunks costs tens of milliseconds
+// of CPU, as long as the requests it would slow.
+//
 // Busy pods slow the background fetch down but never stop it: the waits
 // of a run end once the pods have been busy for podBusyCap of them (a
 // startup that keeps the CPU busy for seconds still lets each worker make
-// a run every half second), and each after the caller's limit in any case
-// (fgMaxYield). The check of a layer of less than a MiB does not wait.
+// a run every half second; the budget is whole again once the pods were
+// seen idle), and each after the caller's limit in any case (fgMaxYield).
+// The check of a layer of less than a MiB does not wait.
 // Prefetch and read-ahead runs never wait: they serve the startup itself.
 
 const (
@@ -54,6 +60,13 @@ const (
 	// of one background run, or of a layer's check, before they end
 	// anyway: busy pods leave each worker a run every half second.
 	podBusyCap = 500 * time.Millisecond
+	// podPauseStep is how long a pause inside a run sleeps before it
+	// looks at the pods again.
+	podPauseStep = 2 * time.Millisecond
+	// podIdleSamples idle samples in a row make the pods idle again for
+	// the budgets of runs: a startup waiting a moment on a read does
+	// not give every run its budget back.
+	podIdleSamples = 2
 	// podCheapCheck is the largest layer whose check does not wait: it
 	// hashes in about a millisecond.
 	podCheapCheck = 1 << 20
@@ -73,6 +86,8 @@ type podWatchOptions struct {
 	window time.Duration
 	cpus   int
 	log    *logrus.Entry
+	// read reads a usage file (readUsage); tests replace it.
+	read func(path string, v2 bool) (time.Duration, error)
 }
 
 // podWatch samples the CPU time of the pods' cgroup.
@@ -89,6 +104,8 @@ type podWatch struct {
 	average   float64 // CPUs, exponential over opts.window
 
 	waited atomic.Int64 // nanoseconds background work waited for the pods
+	idle   atomic.Int64 // stretches of podIdleSamples idle samples seen
+	idleN  int          // idle samples in a row
 }
 
 // newPodWatch returns nil when the options disable the watch.
@@ -107,6 +124,9 @@ func newPodWatch(o podWatchOptions) *podWatch {
 	}
 	if o.log == nil {
 		o.log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	if o.read == nil {
+		o.read = readUsage
 	}
 	return &podWatch{opts: o}
 }
@@ -135,7 +155,7 @@ func (w *podWatch) findLocked(now time.Time) {
 				v2   bool
 			}{{"cpuacct.usage", false}, {"cpu.stat", true}} {
 				p := filepath.Join(d, f.name)
-				if _, err := readUsage(p, f.v2); err == nil {
+				if _, err := w.opts.read(p, f.v2); err == nil {
 					w.file, w.v2 = p, f.v2
 					w.opts.log.WithFields(logrus.Fields{"op": "background", "cgroup": d}).Info("background fetch gives way to the CPU use of this cgroup")
 					return
@@ -218,7 +238,7 @@ func (w *podWatch) over(cpus float64) bool {
 
 // sampleLocked reads the usage; a cgroup gone is looked for again.
 func (w *podWatch) sampleLocked(now time.Time) bool {
-	u, err := readUsage(w.file, w.v2)
+	u, err := w.opts.read(w.file, w.v2)
 	if err != nil {
 		w.opts.log.WithError(err).WithField("op", "background").Warn("cannot read the pods' CPU time; background fetch no longer gives way to them until the cgroup is found again")
 		w.file, w.findAt, w.sampledAt = "", now, time.Time{}
@@ -229,38 +249,73 @@ func (w *podWatch) sampleLocked(now time.Time) bool {
 		dt := now.Sub(w.sampledAt)
 		cpus := float64(u-w.usage) / float64(dt)
 		w.now = w.over(cpus)
+		if w.idleN++; w.now {
+			w.idleN = 0
+		} else if w.idleN == podIdleSamples {
+			w.idle.Add(1)
+		}
 		w.average += (1 - math.Exp(-float64(dt)/float64(w.opts.window))) * (cpus - w.average)
 	}
 	w.sampledAt, w.usage = now, u
 	return true
 }
 
-// podBudget is how long the pods may still be seen busy in the waits of
-// one run (it waits before its request and before its decoding, against
-// one budget).
-type podBudget struct{ left time.Duration }
+// podBudget is how long the pods may still be seen busy in the waits and
+// pauses of one run, or of one layer's check (it waits before its request
+// and before its decoding, and pauses between its chunks, against one
+// budget). The budget is whole again once the watch has seen the pods
+// idle (podIdleSamples in a row) since it was last drawn on: a run that
+// spent it during a busy startup still gives way to the first requests
+// after it.
+type podBudget struct {
+	w    *podWatch
+	left time.Duration
+	idle int64 // the watch's idle stretches when the budget was last drawn on
+}
 
 type podBudgetKey struct{}
 
-// withPodBudget returns ctx carrying a fresh budget for the waits of one
-// run.
-func withPodBudget(ctx context.Context) context.Context {
-	return context.WithValue(ctx, podBudgetKey{}, &podBudget{left: podBusyCap})
+// withBudget returns ctx carrying a fresh budget for the waits and pauses
+// of one run (ctx itself when the watch is off).
+func (w *podWatch) withBudget(ctx context.Context) context.Context {
+	if w == nil {
+		return ctx
+	}
+	return context.WithValue(ctx, podBudgetKey{}, w.newBudget())
+}
+
+func (w *podWatch) newBudget() *podBudget {
+	return &podBudget{w: w, left: podBusyCap, idle: w.idle.Load()}
+}
+
+// remaining is what is left of b, whole again when the pods were seen
+// idle since it was last drawn on.
+func (b *podBudget) remaining() time.Duration {
+	if idle := b.w.idle.Load(); idle != b.idle {
+		b.idle, b.left = idle, podBusyCap
+	}
+	return b.left
+}
+
+// draw takes d of busy pods from b.
+func (b *podBudget) draw(d time.Duration) {
+	b.remaining()
+	b.left -= d
 }
 
 // wait returns once background work need not wait for the pods, or once
-// they have been seen busy for the budget in ctx (withPodBudget; with
-// none, podBusyCap), or after limit, or when ctx ends.
+// they have been seen busy for the budget in ctx (withBudget; with none, a
+// fresh one), or after limit, or when ctx ends.
 func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 	if w == nil {
 		return
 	}
 	b, ok := ctx.Value(podBudgetKey{}).(*podBudget)
 	if !ok {
-		b = &podBudget{left: podBusyCap}
+		b = w.newBudget()
 	}
 	start := time.Now()
-	for last := start; time.Since(start) < limit && b.left > 0; {
+	for last := start; time.Since(start) < limit && b.remaining() > 0; {
 		now, hold := w.busy(ctx)
 		if !hold {
 			return
@@ -273,9 +328,36 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 		at := time.Now()
 		w.waited.Add(int64(at.Sub(last)))
 		if now {
-			b.left -= at.Sub(last)
+			b.draw(at.Sub(last))
 		}
 		last = at
+	}
+}
+
+// podPause is called inside a background run's CPU work, between its
+// chunks (decoding, hashing, writing them), and inside a layer's check: a
+// run that was under way when the pods got busy stops within a sample,
+// rather than finishing tens of milliseconds of work meanwhile. It waits
+// while the last sample shows the pods busy, against the budget in ctx
+// (withBudget), and returns at once when ctx carries none.
+func podPause(ctx context.Context) {
+	b, ok := ctx.Value(podBudgetKey{}).(*podBudget)
+	if !ok {
+		return
+	}
+	for b.remaining() > 0 {
+		if now, _ := b.w.busy(ctx); !now {
+			return
+		}
+		start := time.Now()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(podPauseStep):
+		}
+		d := time.Since(start)
+		b.w.waited.Add(int64(d))
+		b.draw(d)
 	}
 }
 

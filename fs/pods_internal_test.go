@@ -1,10 +1,12 @@
 package fs
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -148,5 +150,102 @@ func TestPodWatchAverage(t *testing.T) {
 	}
 	if now, hold := sample(10*time.Millisecond, 0); now || hold {
 		t.Errorf("after a 10 ms burst: now %v hold %v; want free", now, hold)
+	}
+}
+
+// fakeCgroup is a cgroup whose CPU time grows at the rate the test sets
+// (CPUs), read through podWatchOptions.read: a loaded machine cannot make
+// it lag behind the rate the way a file rewritten by a goroutine would.
+type fakeCgroup struct {
+	mu    sync.Mutex
+	rate  float64 // CPUs
+	usage time.Duration
+	last  time.Time
+}
+
+func (f *fakeCgroup) read(string, bool) (time.Duration, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	if !f.last.IsZero() {
+		f.usage += time.Duration(float64(now.Sub(f.last)) * f.rate)
+	}
+	f.last = now
+	return f.usage, nil
+}
+
+func (f *fakeCgroup) set(cpus float64) {
+	f.read("", false)
+	f.mu.Lock()
+	f.rate = cpus
+	f.mu.Unlock()
+}
+
+// TestPodPause: inside a run, podPause waits while the pods are busy and
+// returns within a few samples of their going idle; pods busy for longer
+// than podBusyCap let the run go on (and its later pauses too), until the
+// pods are seen idle for podIdleSamples samples, which makes the budget
+// whole again; a single idle sample does not. A context with no budget
+// (on-demand and prefetch work) never pauses.
+func TestPodPause(t *testing.T) {
+	cg := &fakeCgroup{}
+	w := newPodWatch(podWatchOptions{cgroups: []string{"/kubepods"}, share: 0.25, cpus: 2, window: time.Second, read: cg.read})
+	took := func(ctx context.Context) time.Duration {
+		start := time.Now()
+		podPause(ctx)
+		return time.Since(start)
+	}
+	// samples lets the pods run at cpus for n samples, each seen.
+	samples := func(cpus float64, n int) {
+		cg.set(cpus)
+		for range n {
+			time.Sleep(podSample + 2*time.Millisecond)
+			w.busy(t.Context())
+		}
+	}
+
+	ctx := w.withBudget(t.Context())
+	samples(0, 2)
+	if d := took(ctx); d > 15*time.Millisecond {
+		t.Errorf("idle pods: paused %v", d)
+	}
+
+	samples(2, 2)
+	if d := took(t.Context()); d > 5*time.Millisecond {
+		t.Errorf("no budget in the context: paused %v", d)
+	}
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		cg.set(0)
+	}()
+	if d := took(ctx); d < 90*time.Millisecond || d > 400*time.Millisecond {
+		t.Errorf("pods busy for 100 ms: paused %v", d)
+	}
+	if w.waitedFor() < 80*time.Millisecond {
+		t.Errorf("waited for the pods: %v, want about 100 ms", w.waitedFor())
+	}
+
+	samples(2, 2)
+	ctx = w.withBudget(t.Context())
+	if d := took(ctx); d < podBusyCap-50*time.Millisecond || d > 3*podBusyCap {
+		t.Errorf("pods busy all along: paused %v, want about %v", d, podBusyCap)
+	}
+	if d := took(ctx); d > 20*time.Millisecond {
+		t.Errorf("budget spent, pods busy: paused %v again", d)
+	}
+	samples(0, 1)
+	samples(2, 2)
+	if d := took(ctx); d > 20*time.Millisecond {
+		t.Errorf("budget spent, one idle sample: paused %v again", d)
+	}
+
+	samples(0, podIdleSamples)
+	samples(2, 2)
+	go func() {
+		time.Sleep(60 * time.Millisecond)
+		cg.set(0)
+	}()
+	if d := took(ctx); d < 50*time.Millisecond {
+		t.Errorf("pods seen idle since the budget was spent, busy again: paused %v, want a pause until they are idle", d)
 	}
 }

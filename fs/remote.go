@@ -184,7 +184,7 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 		}
 		defer release()
 	}
-	bs, err := r.decodeRun(cs, b, why)
+	bs, err := r.decodeRun(ctx, cs, b, why)
 	if err != nil {
 		return nil, err
 	}
@@ -193,6 +193,9 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	// against its digest.
 	cold := why == causeBackground
 	for i, c := range cs {
+		if cold {
+			podPause(ctx)
+		}
 		if err := r.cache.PutVerified(c.Digest, bs[i], cold); err != nil {
 			r.log.WithError(err).WithField("chunk", c.Digest).Warn("cache chunk")
 		}
@@ -208,7 +211,7 @@ func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk, why ca
 	if err != nil {
 		return nil, err
 	}
-	return r.decodeRun(cs, b, why)
+	return r.decodeRun(ctx, cs, b, why)
 }
 
 // readRun reads the frames of back-to-back chunks with one range request.
@@ -247,10 +250,13 @@ func (r *remoteReader) readRun(ctx context.Context, cs []artifact.Chunk, why cau
 
 // decodeRun decompresses the frames b of chunks cs (read by readRun) and
 // checks each against its digest.
-func (r *remoteReader) decodeRun(cs []artifact.Chunk, b []byte, why cause) ([][]byte, error) {
+func (r *remoteReader) decodeRun(ctx context.Context, cs []artifact.Chunk, b []byte, why cause) ([][]byte, error) {
 	off := cs[0].CompressedOffset
 	out := make([][]byte, len(cs))
 	for i, c := range cs {
+		if why == causeBackground {
+			podPause(ctx)
+		}
 		lo := c.CompressedOffset - off
 		data, err := artifact.DecodeChunk(c, b[lo:lo+c.CompressedSize])
 		if err != nil {

@@ -284,6 +284,7 @@ func (w *podWatch) withBudget(ctx context.Context) context.Context {
 	return context.WithValue(ctx, podBudgetKey{}, w.newBudget())
 }
 
+// newBudget is a whole budget, as of the idle stretches seen so far.
 func (w *podWatch) newBudget() *podBudget {
 	return &podBudget{w: w, left: podBusyCap, idle: w.idle.Load()}
 }

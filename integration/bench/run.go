@@ -908,7 +908,6 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	wg.Wait()
 	m.requestCPU = cpuBetween(cpuBefore, sampleCPU(parts))
 	stopPerf()
-	m.requestCPU = cpuBetween(cpuBefore, sampleCPU(parts))
 	if fErr == nil {
 		var fuseAfter map[string]FUSEUse
 		if fuseAfter, fErr = n.fuseUse(ctx); fErr == nil {

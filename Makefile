@@ -40,7 +40,7 @@ soak: deps
 # target of remote data for 10 s.
 FUZZ_TARGETS := ./artifact:FuzzDecodeTOC ./artifact:FuzzTOCJSON ./artifact:FuzzParseManifest \
 	./converter:FuzzTarReader ./fetcher:FuzzContentRange ./fetcher:FuzzReferrers \
-	./service:FuzzWebhook
+	./service:FuzzWebhook ./cache:FuzzPackHeader
 FUZZTIME ?= 5s
 test-faults: deps
 	$(GO) test $(GOFLAGS_TEST) -timeout 10m -v -run 'TestFaults|TestHostile|TestArtifactContentMismatch|TestDecodeTOCWhitespaceBomb|TestSpaceSqueezer' ./fs/ ./artifact/ || status=1; \

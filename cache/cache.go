@@ -88,9 +88,21 @@ type Store struct {
 	memoryHits, diskHits, misses, evictions, corrupted, fetches atomic.Int64
 }
 
+// diskEntry is a chunk on disk: its own file at path(d), or size bytes at
+// off in a pack.
 type diskEntry struct {
 	d    digest.Digest
 	size int64
+	pack *pack // nil: a file of its own
+	off  int64
+}
+
+// file returns the path of the file that holds the chunk.
+func (e *diskEntry) file(s *Store) string {
+	if e.pack != nil {
+		return e.pack.path
+	}
+	return s.path(e.d)
 }
 
 type memEntry struct {
@@ -148,7 +160,7 @@ func Open(opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open cache %s: index chunks: %w", s.dir, err)
 	}
 	s.mu.Lock()
-	s.evictLocked(nil)
+	s.evictLocked(nil, nil)
 	s.mu.Unlock()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -167,6 +179,8 @@ func (s *Store) index() error {
 		d     digest.Digest
 		size  int64
 		mtime time.Time
+		pack  *pack
+		off   int64
 	}
 	var all []found
 	for _, alg := range []digest.Algorithm{digest.SHA256} {
@@ -197,12 +211,79 @@ func (s *Store) index() error {
 			return err
 		}
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
+	packs, err := os.ReadDir(filepath.Join(s.dir, packDir))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for _, de := range packs {
+		p := filepath.Join(s.dir, packDir, de.Name())
+		pk, ents, mtime, err := openPack(p, de)
+		if err != nil {
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-index", "path": p}).Warn("removing unreadable pack from chunk cache")
+			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+			continue
+		}
+		for _, e := range ents {
+			all = append(all, found{d: e.d, size: e.size, mtime: mtime, pack: pk, off: e.off})
+		}
+	}
+	// Oldest first, so the newest copy of a chunk stored twice (in a
+	// pack and a file, or in two packs: concurrent puts) is the one
+	// indexed.
+	sort.SliceStable(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
 	for _, f := range all {
-		s.disk[f.d] = s.diskLRU.PushFront(&diskEntry{d: f.d, size: f.size})
-		s.size += f.size
+		if el, ok := s.disk[f.d]; ok {
+			s.dropLocked(el, "cache-index")
+		}
+		s.disk[f.d] = s.diskLRU.PushFront(&diskEntry{d: f.d, size: f.size, pack: f.pack, off: f.off})
+		if f.pack == nil {
+			s.size += f.size
+			continue
+		}
+		if f.pack.live == 0 {
+			s.size += f.pack.bytes
+		}
+		f.pack.live++
+	}
+	// Packs none of whose chunks was indexed hold nothing.
+	seen := map[*pack]bool{}
+	for _, f := range all {
+		if f.pack != nil && f.pack.live == 0 && !seen[f.pack] {
+			seen[f.pack] = true
+			if err := os.Remove(f.pack.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+		}
 	}
 	return nil
+}
+
+// openPack reads the header of the pack file at p.
+func openPack(p string, de fs.DirEntry) (*pack, []packEntry, time.Time, error) {
+	if !de.Type().IsRegular() {
+		return nil, nil, time.Time{}, errors.New("not a regular file")
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, nil, time.Time{}, err
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, nil, time.Time{}, err
+	}
+	ents, err := readPackHeader(f, info.Size())
+	if err != nil {
+		return nil, nil, time.Time{}, err
+	}
+	pk := &pack{path: p, ds: make([]digest.Digest, len(ents))}
+	for i, e := range ents {
+		pk.ds[i] = e.d
+		pk.bytes += e.size
+	}
+	return pk, ents, info.ModTime(), nil
 }
 
 // verify reports whether b hashes to d.
@@ -250,16 +331,27 @@ func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
 		return nil, false
 	}
 
-	p := s.path(d)
-	b, err := os.ReadFile(p)
+	// An entry's fields are fixed once indexed: read them unlocked.
+	e := seen.Value.(*diskEntry)
+	p := e.file(s)
+	var b []byte
+	var err error
+	if e.pack != nil {
+		b, err = readPacked(e)
+	} else {
+		b, err = os.ReadFile(p)
+	}
 	if err != nil || (check && !verify(d, b)) {
 		s.mu.Lock()
 		// Unless a concurrent Put replaced it meanwhile, forget the
-		// chunk and remove what is left of its file.
+		// chunk and remove what is left of its file. A damaged pack goes
+		// whole: its other chunks are fetched again rather than read from
+		// a file known bad.
 		if s.disk[d] == seen {
-			s.removeDiskLocked(seen)
-			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
-				logrus.WithError(rerr).WithFields(logrus.Fields{"op": "cache-get", "chunk": d}).Warn("remove bad cached chunk")
+			if e.pack != nil {
+				s.dropPackLocked(e.pack, "cache-get")
+			} else {
+				s.dropLocked(seen, "cache-get")
 			}
 		}
 		s.mu.Unlock()
@@ -276,7 +368,8 @@ func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
 		s.diskHits.Add(1)
 		return b, true
 	}
-	// Persist recency so a restart keeps the LRU order roughly right.
+	// Persist recency so a restart keeps the LRU order roughly right (a
+	// pack's is its most recently read chunk's).
 	now := time.Now()
 	_ = os.Chtimes(p, now, now)
 	s.mu.Lock()
@@ -328,6 +421,101 @@ func (s *Store) PutVerified(d digest.Digest, b []byte, cold bool) error {
 		return s.put(d, b, false)
 	}
 	return s.put(d, append([]byte(nil), b...), true)
+}
+
+// PutVerifiedRun is PutVerified for the chunks of one fetched run, ds[i]
+// with bytes bs[i]: the chunks of at most PackMaxChunk bytes not on disk
+// yet are written together into one pack file, the others a file each.
+// Every d must be valid and the caller must have hashed bs[i] to ds[i].
+func (s *Store) PutVerifiedRun(ds []digest.Digest, bs [][]byte, cold bool) error {
+	if len(ds) != len(bs) {
+		return fmt.Errorf("cache put run: %d digests for %d chunks", len(ds), len(bs))
+	}
+	for _, d := range ds {
+		if err := d.Validate(); err != nil {
+			return fmt.Errorf("cache put %q: %w", d, err)
+		}
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("cache put run of %d chunks: %w", len(ds), ErrClosed)
+	}
+	var packDs, singleDs []digest.Digest
+	var packBs, singleBs [][]byte
+	var packBytes int64
+	inRun := make(map[digest.Digest]bool, len(ds))
+	for i, d := range ds {
+		if !cold {
+			s.addMemLocked(d, append([]byte(nil), bs[i]...))
+		}
+		if el, ok := s.disk[d]; ok {
+			s.diskLRU.MoveToFront(el)
+			continue
+		}
+		if inRun[d] {
+			continue
+		}
+		inRun[d] = true
+		if len(bs[i]) <= PackMaxChunk && d.Algorithm() == digest.SHA256 && len(packDs) < packMaxCount {
+			packDs, packBs = append(packDs, d), append(packBs, bs[i])
+			packBytes += int64(len(bs[i]))
+			continue
+		}
+		singleDs, singleBs = append(singleDs, d), append(singleBs, bs[i])
+	}
+	s.mu.Unlock()
+	if len(packDs) < 2 || packBytes > s.maxBytes {
+		singleDs, singleBs = append(singleDs, packDs...), append(singleBs, packBs...)
+		packDs = nil
+	}
+	var errs []error
+	for i, d := range singleDs {
+		// put keeps no reference to bytes it is not told to keep in memory.
+		if err := s.put(d, singleBs[i], false); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(packDs) > 0 {
+		if err := s.putPack(packDs, packBs); err != nil {
+			errs = append(errs, fmt.Errorf("cache put pack of %d chunks (%s...): %w", len(packDs), packDs[0], err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// putPack writes chunks ds into a new pack and indexes the ones that no
+// concurrent put stored meanwhile.
+func (s *Store) putPack(ds []digest.Digest, bs [][]byte) error {
+	p, ents, err := s.writePack(ds, bs)
+	if err != nil {
+		return err
+	}
+	pk := &pack{path: p, ds: ds}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range ents {
+		pk.bytes += e.size
+	}
+	var newest *list.Element
+	for _, e := range ents {
+		if el, ok := s.disk[e.d]; ok { // a concurrent put won
+			s.diskLRU.MoveToFront(el)
+			continue
+		}
+		newest = s.diskLRU.PushFront(&diskEntry{d: e.d, size: e.size, pack: pk, off: e.off})
+		s.disk[e.d] = newest
+		pk.live++
+	}
+	if newest == nil {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-put", "path": p}).Warn("remove pack of chunks stored meanwhile")
+		}
+		return nil
+	}
+	s.size += pk.bytes
+	s.evictLocked(nil, pk)
+	return nil
 }
 
 // checkPut checks that d is a valid digest and b hashes to it.
@@ -385,7 +573,7 @@ func (s *Store) put(d digest.Digest, b []byte, mem bool) error {
 	el = s.diskLRU.PushFront(&diskEntry{d: d, size: int64(len(b))})
 	s.disk[d] = el
 	s.size += int64(len(b))
-	s.evictLocked(el)
+	s.evictLocked(el, nil)
 	return nil
 }
 
@@ -421,42 +609,44 @@ func (s *Store) writeChunk(d digest.Digest, b []byte) (replaced bool, err error)
 			return false, err
 		}
 	}
-	tmp, err := os.CreateTemp(filepath.Join(s.dir, tmpDir), "chunk-")
-	if err != nil {
-		return false, err
-	}
-	// No fsync: a chunk torn by a crash fails verification on its next Get
-	// and is removed, so durability would buy nothing but latency.
-	_, werr := tmp.Write(b)
-	cerr := tmp.Close()
-	if err := errors.Join(werr, cerr); err != nil {
-		os.Remove(tmp.Name())
-		return false, fmt.Errorf("write: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), p); err != nil {
-		os.Remove(tmp.Name())
+	if err := s.writeRenamed(p, b); err != nil {
 		return false, err
 	}
 	return true, nil
 }
 
-// linkTmpfile writes b to an unnamed file in dir and links it as p. It
-// fails with EEXIST when p exists.
-func linkTmpfile(dir, p string, b []byte) error {
+// writeRenamed makes bs, back to back, the file p through a named
+// temporary file in tmpDir renamed into place.
+func (s *Store) writeRenamed(p string, bs ...[]byte) error {
+	tmp, err := os.CreateTemp(filepath.Join(s.dir, tmpDir), "chunk-")
+	if err != nil {
+		return err
+	}
+	// No fsync: a chunk torn by a crash fails verification on its next Get
+	// and is removed, so durability would buy nothing but latency.
+	werr := writeAll(int(tmp.Fd()), bs)
+	cerr := tmp.Close()
+	if err := errors.Join(werr, cerr); err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("write %s: %w", tmp.Name(), err)
+	}
+	if err := os.Rename(tmp.Name(), p); err != nil {
+		os.Remove(tmp.Name())
+		return err
+	}
+	return nil
+}
+
+// linkTmpfile writes bs, back to back, to an unnamed file in dir and
+// links it as p. It fails with EEXIST when p exists.
+func linkTmpfile(dir, p string, bs ...[]byte) error {
 	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("open unnamed file in %s: %w", dir, err)
 	}
 	defer unix.Close(fd)
-	for rest := b; len(rest) > 0; {
-		n, err := unix.Write(fd, rest)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("write: %w", err)
-		}
-		rest = rest[n:]
+	if err := writeAll(fd, bs); err != nil {
+		return err
 	}
 	// Linking by descriptor needs CAP_DAC_READ_SEARCH; through /proc it
 	// does not.
@@ -474,26 +664,78 @@ func linkTmpfile(dir, p string, b []byte) error {
 // MaxBytes, sparing keep (the chunk just added) and pinned chunks. When only
 // pinned chunks are left the tier stays over its bound: the disk itself is
 // then the limit, and a full disk only stops caching (see run).
-func (s *Store) evictLocked(keep *list.Element) {
+//
+// A chunk in a pack is evicted with the whole pack, which frees its file:
+// the pack's chunks were written together and are used together (one
+// layer's run), and a pack with a pinned chunk or the one just written
+// (keepPack) stays whole.
+func (s *Store) evictLocked(keep *list.Element, keepPack *pack) {
 	for el := s.diskLRU.Back(); el != nil && s.size > s.maxBytes; {
 		victim, e := el, el.Value.(*diskEntry)
 		el = el.Prev()
 		if victim == keep || s.pins[e.d] > 0 {
 			continue
 		}
-		s.removeDiskLocked(victim)
-		if err := os.Remove(s.path(e.d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-evict", "chunk": e.d}).Warn("remove evicted chunk")
+		if e.pack == nil {
+			s.dropLocked(victim, "cache-evict")
+			s.evictions.Add(1)
+			continue
 		}
-		s.evictions.Add(1)
+		if e.pack == keepPack || s.pinnedLocked(e.pack) {
+			continue
+		}
+		// The pack's other chunks go too: step past them first.
+		for el != nil && el.Value.(*diskEntry).pack == e.pack {
+			el = el.Prev()
+		}
+		s.evictions.Add(int64(s.dropPackLocked(e.pack, "cache-evict")))
 	}
 }
 
-func (s *Store) removeDiskLocked(el *list.Element) {
+// dropPackLocked forgets every chunk indexed in pk and removes its file.
+// It returns how many chunks it forgot.
+func (s *Store) dropPackLocked(pk *pack, op string) int {
+	n := 0
+	for _, d := range pk.ds {
+		if el, ok := s.disk[d]; ok && el.Value.(*diskEntry).pack == pk {
+			s.dropLocked(el, op)
+			n++
+		}
+	}
+	return n
+}
+
+// pinnedLocked reports whether a chunk indexed in pk is pinned.
+func (s *Store) pinnedLocked(pk *pack) bool {
+	for _, d := range pk.ds {
+		if s.pins[d] > 0 {
+			if el, ok := s.disk[d]; ok && el.Value.(*diskEntry).pack == pk {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// dropLocked forgets the chunk at el and removes its file, or its pack's
+// when it was the pack's last indexed chunk. It returns the disk bytes
+// freed.
+func (s *Store) dropLocked(el *list.Element, op string) int64 {
 	e := el.Value.(*diskEntry)
 	s.diskLRU.Remove(el)
 	delete(s.disk, e.d)
-	s.size -= e.size
+	freed := e.size
+	if e.pack != nil {
+		if e.pack.live--; e.pack.live > 0 {
+			return 0
+		}
+		freed = e.pack.bytes
+	}
+	s.size -= freed
+	if err := os.Remove(e.file(s)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		logrus.WithError(err).WithFields(logrus.Fields{"op": op, "chunk": e.d, "path": e.file(s)}).Warn("remove cached chunk")
+	}
+	return freed
 }
 
 // addMemLocked keeps b in the memory tier, evicting its least recently
@@ -624,7 +866,7 @@ func (s *Store) Unpin(ds []digest.Digest) {
 			s.pins[d]--
 		}
 	}
-	s.evictLocked(nil)
+	s.evictLocked(nil, nil)
 }
 
 // Remove deletes the chunks ds that are not pinned, from disk and memory,
@@ -643,14 +885,8 @@ func (s *Store) Remove(ds []digest.Digest) int64 {
 			s.memLRU.Remove(el)
 			delete(s.mem, d)
 		}
-		el, ok := s.disk[d]
-		if !ok {
-			continue
-		}
-		freed += el.Value.(*diskEntry).size
-		s.removeDiskLocked(el)
-		if err := os.Remove(s.path(d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			logrus.WithError(err).WithFields(logrus.Fields{"op": "cache-remove", "chunk": d}).Warn("remove chunk")
+		if el, ok := s.disk[d]; ok {
+			freed += s.dropLocked(el, "cache-remove")
 		}
 	}
 	return freed

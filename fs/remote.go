@@ -190,15 +190,20 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	}
 	// Background chunks are not read now: they go to disk only, so that
 	// the memory cache keeps what is read. decodeRun checked every chunk
-	// against its digest.
+	// against its digest. The run's small chunks go into one pack file:
+	// a file each cost the filesystem more than their bytes.
 	cold := why == causeBackground
+	if cold {
+		podPause(ctx)
+	}
+	ds := make([]digest.Digest, len(cs))
 	for i, c := range cs {
-		if cold {
-			podPause(ctx)
-		}
-		if err := r.cache.PutVerified(c.Digest, bs[i], cold); err != nil {
-			r.log.WithError(err).WithField("chunk", c.Digest).Warn("cache chunk")
-		}
+		ds[i] = c.Digest
+	}
+	if err := r.cache.PutVerifiedRun(ds, bs, cold); err != nil {
+		// The bytes are verified: they are served even when the disk
+		// refuses them (a full disk only stops caching).
+		r.log.WithError(err).WithFields(logrus.Fields{"chunk": cs[0].Digest, "chunks": len(cs), "op": "cache-put"}).Warn("cache chunks")
 	}
 	return bs, nil
 }

@@ -1,7 +1,8 @@
 // Package cache stores verified chunks by digest: on disk (content
-// addressed, bounded, written atomically) behind a bounded in-memory LRU,
-// with single-flight fetching so each chunk is fetched once however many
-// readers want it.
+// addressed, bounded, written atomically; a large chunk in a file of its
+// own, the small chunks of one fetched run together in a pack) behind a
+// bounded in-memory LRU, with single-flight fetching so each chunk is
+// fetched once however many readers want it.
 package cache
 
 import (
@@ -235,6 +236,9 @@ func (s *Store) index() error {
 	sort.SliceStable(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
 	for _, f := range all {
 		if el, ok := s.disk[f.d]; ok {
+			if f.pack != nil && el.Value.(*diskEntry).pack == f.pack {
+				continue // listed twice in one pack (a damaged header)
+			}
 			s.dropLocked(el, "cache-index")
 		}
 		s.disk[f.d] = s.diskLRU.PushFront(&diskEntry{d: f.d, size: f.size, pack: f.pack, off: f.off})
@@ -892,7 +896,8 @@ func (s *Store) Remove(ds []digest.Digest) int64 {
 	return freed
 }
 
-// Size returns the chunk bytes on disk.
+// Size returns the chunk bytes on disk: the bytes of chunk files and of
+// packs, whose forgotten chunks count until the whole pack goes.
 func (s *Store) Size() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()

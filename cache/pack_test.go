@@ -315,3 +315,29 @@ func FuzzPackHeader(f *testing.F) {
 		}
 	})
 }
+
+// TestPackListsChunkTwice: a pack whose header lists one chunk twice
+// (written by no Store, but a disk can make anything) is indexed once and
+// read back, its file kept while the chunk is.
+func TestPackListsChunkTwice(t *testing.T) {
+	dir := t.TempDir()
+	b, d := chunk("twice", 3000)
+	h, _, err := encodePackHeader([]digest.Digest{d, d}, [][]byte{b, b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, packDir), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, packDir, "twice")
+	if err := os.WriteFile(p, append(append(h, b...), b...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := openStore(t, Options{Dir: dir, MemoryBytes: -1})
+	if got, ok := s.Get(d); !ok || !bytes.Equal(got, b) || s.Len() != 1 || s.Size() != 6000 {
+		t.Fatalf("Get %v, Len %d, Size %d; want the chunk once, 6000 bytes on disk", ok, s.Len(), s.Size())
+	}
+	if freed := s.Remove([]digest.Digest{d}); freed != 6000 || len(packFiles(t, dir)) != 0 {
+		t.Errorf("Remove freed %d, packs %v; want 6000 and the file gone", freed, packFiles(t, dir))
+	}
+}

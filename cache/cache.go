@@ -677,22 +677,21 @@ func (s *Store) evictLocked(keep *list.Element, keepPack *pack) {
 	for el := s.diskLRU.Back(); el != nil && s.size > s.maxBytes; {
 		victim, e := el, el.Value.(*diskEntry)
 		el = el.Prev()
-		if victim == keep || s.pins[e.d] > 0 {
-			continue
-		}
 		if e.pack == nil {
-			s.dropLocked(victim, "cache-evict")
-			s.evictions.Add(1)
+			if victim != keep && s.pins[e.d] == 0 {
+				s.dropLocked(victim, "cache-evict")
+				s.evictions.Add(1)
+			}
 			continue
 		}
-		if e.pack == keepPack || s.pinnedLocked(e.pack) {
-			continue
-		}
-		// The pack's other chunks go too: step past them first.
+		// The pack's other chunks go or stay with it: step past them,
+		// so that a pack is looked at once, not once a chunk.
 		for el != nil && el.Value.(*diskEntry).pack == e.pack {
 			el = el.Prev()
 		}
-		s.evictions.Add(int64(s.dropPackLocked(e.pack, "cache-evict")))
+		if e.pack != keepPack && !s.pinnedLocked(e.pack) {
+			s.evictions.Add(int64(s.dropPackLocked(e.pack, "cache-evict")))
+		}
 	}
 }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 
 	"github.com/streamer-dev/streamer/integration/harness"
 )
@@ -58,10 +59,12 @@ type Config struct {
 	// measured for Streamer).
 	CompleteTimeout time.Duration
 	// PerfDir, when set, records the whole machine with `perf record -a
-	// -g` around each run's first requests, into a file per run there:
-	// what ran beside the pods. perf starts 300 ms before the requests and
-	// its own work shows in their CPU figures, so a run with it is for
-	// looking into, not for comparing.
+	// -g` from each run's start to the end of its first requests, into a
+	// file per run there: what ran beside the pods. perf starts before the
+	// run's clock, so the requests follow readiness as they do without
+	// it, and the run's line gives the requests' window in perf's clock
+	// (CLOCK_MONOTONIC); perf's own work still shows in the figures, so a
+	// run with it is for looking into, not for comparing.
 	PerfDir string
 	// LinkID picks the namespace, interfaces and /30 (see NewLink).
 	LinkID int
@@ -803,6 +806,8 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 			_ = p.pod.Remove(rctx)
 		}
 	}()
+	stopPerf := b.startPerf(n)
+	defer stopPerf()
 	rx0, err := b.link.RxBytes()
 	if err != nil {
 		return m, err
@@ -902,12 +907,16 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	}
 	fuseBefore, fErr := n.fuseUse(ctx)
 	parts := b.cpuParts(n)
-	stopPerf := b.startPerf(n)
 	cpuBefore := sampleCPU(parts)
+	reqStart := monotonic()
 	close(allReady)
 	wg.Wait()
+	reqEnd := monotonic()
 	m.requestCPU = cpuBetween(cpuBefore, sampleCPU(parts))
 	stopPerf()
+	if b.cfg.PerfDir != "" {
+		b.cfg.logf("perf: the first requests ran from %.6f to %.6f (CLOCK_MONOTONIC, perf script's time)", reqStart.Seconds(), reqEnd.Seconds())
+	}
 	if fErr == nil {
 		var fuseAfter map[string]FUSEUse
 		if fuseAfter, fErr = n.fuseUse(ctx); fErr == nil {
@@ -984,21 +993,35 @@ func (b *bench) startPerf(n *node) (stop func()) {
 	}
 	name := fmt.Sprintf("perf-%s-%s.data", strings.ReplaceAll(string(n.mode), " ", "-"), time.Now().UTC().Format("150405.000"))
 	path := filepath.Join(b.cfg.PerfDir, name)
-	cmd := exec.Command("perf", "record", "-a", "-g", "-F", "4999", "-o", path)
+	cmd := exec.Command("perf", "record", "-a", "-g", "-F", "4999", "-k", "CLOCK_MONOTONIC", "-o", path)
 	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 	if err := cmd.Start(); err != nil {
 		b.cfg.logf("warning: perf record: %v", err)
 		return func() {}
 	}
 	time.Sleep(300 * time.Millisecond)
+	var once sync.Once
 	return func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		if err := cmd.Wait(); err != nil {
-			b.cfg.logf("warning: perf record: %v", err)
-			return
-		}
-		b.cfg.logf("perf record of the first requests: %s", path)
+		once.Do(func() { stopPerfCmd(b, cmd, path) })
 	}
+}
+
+// stopPerfCmd stops perf record and waits for its file.
+func stopPerfCmd(b *bench, cmd *exec.Cmd, path string) {
+	_ = cmd.Process.Signal(os.Interrupt)
+	if err := cmd.Wait(); err != nil {
+		b.cfg.logf("warning: perf record: %v", err)
+		return
+	}
+	b.cfg.logf("perf record of the run: %s", path)
+}
+
+// monotonic reads CLOCK_MONOTONIC, the clock perf record -k CLOCK_MONOTONIC
+// stamps its samples with.
+func monotonic() time.Duration {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return time.Duration(ts.Nano())
 }
 
 // describePods names the images of pods, for messages.

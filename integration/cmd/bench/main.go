@@ -51,7 +51,7 @@ func run(r *harness.Runner) error {
 		linkID        = flag.Int("link-id", os.Getpid()%16000, "picks the network namespace name and the /30 in 10.250.0.0/16")
 		buildOnly     = flag.Bool("build-only", false, "build (or find cached) the images and exit")
 		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
-		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) around each run's first requests, one file per run in this directory: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
+		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) from each run's start to the end of its first requests, one file per run in this directory; the run's line gives the requests' window in perf's clock: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
 		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
 	flag.Parse()

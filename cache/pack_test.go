@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 )
 
 // run returns n chunks named by seed, of sizes from 1 to 8 KiB.
@@ -339,5 +341,56 @@ func TestPackListsChunkTwice(t *testing.T) {
 	}
 	if freed := s.Remove([]digest.Digest{d}); freed != 6000 || len(packFiles(t, dir)) != 0 {
 		t.Errorf("Remove freed %d, packs %v; want 6000 and the file gone", freed, packFiles(t, dir))
+	}
+}
+
+// TestPackDiskFull: a run that does not fit on the cache's disk (a 256 KiB
+// tmpfs) fails with ENOSPC, leaves no pack or temporary file behind and
+// nothing indexed for it, and the store keeps serving what it holds.
+func TestPackDiskFull(t *testing.T) {
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k"); err != nil {
+		t.Skipf("SKIP LOUDLY: cannot mount a small tmpfs for the cache (needs root): %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount tmpfs %s: %v", dir, err)
+		}
+	})
+	for _, rename := range []bool{false, true} {
+		t.Run(fmt.Sprintf("rename=%v", rename), func(t *testing.T) {
+			sub := filepath.Join(dir, fmt.Sprint(rename))
+			s := openStore(t, Options{Dir: sub, MemoryBytes: -1})
+			s.noTmpfile.Store(rename)
+			small, smallD := chunk("fits", 5000)
+			mustPut(t, s, small)
+			var ds []digest.Digest
+			var bs [][]byte
+			for i := range 80 { // 80 chunks of 4 KiB and more: over 256 KiB
+				b, d := chunk(fmt.Sprint("full", rename, i), 4096+i)
+				ds, bs = append(ds, d), append(bs, b)
+			}
+			err := s.PutVerifiedRun(ds, bs, true)
+			if !errors.Is(err, unix.ENOSPC) {
+				t.Fatalf("PutVerifiedRun on a full disk: %v; want ENOSPC", err)
+			}
+			for _, d := range ds {
+				if s.Has(d) {
+					t.Fatalf("chunk %s of a pack that did not fit is indexed", d)
+				}
+			}
+			if ps := packFiles(t, sub); len(ps) != 0 {
+				t.Errorf("packs left after ENOSPC: %v", ps)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(sub, tmpDir)); len(ents) != 0 {
+				t.Errorf("temporary files left after ENOSPC: %d", len(ents))
+			}
+			if got, ok := s.Get(smallD); !ok || !bytes.Equal(got, small) {
+				t.Errorf("chunk stored before the disk filled not served: %v", ok)
+			}
+			assertVerified(t, sub, 1)
+			s.Close()
+			os.RemoveAll(sub)
+		})
 	}
 }

@@ -2,8 +2,10 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -203,7 +205,11 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	if err := r.cache.PutVerifiedRun(ds, bs, cold); err != nil {
 		// The bytes are verified: they are served even when the disk
 		// refuses them (a full disk only stops caching).
-		r.log.WithError(err).WithFields(logrus.Fields{"chunk": cs[0].Digest, "chunks": len(cs), "op": "cache-put"}).Warn("cache chunks")
+		msg := "cache chunks"
+		if errors.Is(err, syscall.ENOSPC) {
+			msg = "cache disk full: chunks served from the network, not cached"
+		}
+		r.log.WithError(err).WithFields(logrus.Fields{"chunk": cs[0].Digest, "chunks": len(cs), "op": "cache-put"}).Warn(msg)
 	}
 	return bs, nil
 }

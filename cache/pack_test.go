@@ -394,3 +394,35 @@ func TestPackDiskFull(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkPutRun stores runs of 256 chunks of 4 KiB (a run of a layer of
+// small files) into a fresh store: as a pack, and a file per chunk as
+// before packs.
+func BenchmarkPutRun(b *testing.B) {
+	const n, size = 256, 4096
+	for _, mode := range []string{"pack", "files"} {
+		b.Run(mode, func(b *testing.B) {
+			s := openStore(b, Options{MemoryBytes: -1})
+			b.SetBytes(n * size)
+			for i := 0; b.Loop(); i++ {
+				b.StopTimer()
+				ds, bs := make([]digest.Digest, n), make([][]byte, n)
+				for k := range n {
+					bs[k], ds[k] = chunk(fmt.Sprint(mode, i, "-", k), size)
+				}
+				b.StartTimer()
+				if mode == "pack" {
+					if err := s.PutVerifiedRun(ds, bs, true); err != nil {
+						b.Fatal(err)
+					}
+					continue
+				}
+				for k := range n {
+					if err := s.PutVerified(ds[k], bs[k], true); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
+}

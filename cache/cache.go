@@ -185,17 +185,7 @@ func (s *Store) index() error {
 	}
 	var all []found
 	for _, alg := range []digest.Algorithm{digest.SHA256} {
-		root := filepath.Join(s.dir, alg.String())
-		err := filepath.WalkDir(root, func(p string, de fs.DirEntry, err error) error {
-			if err != nil {
-				if errors.Is(err, fs.ErrNotExist) {
-					return nil
-				}
-				return err
-			}
-			if de.IsDir() {
-				return nil
-			}
+		err := walkChunkFiles(s.dir, alg, func(p string, de fs.DirEntry) error {
 			d := digest.NewDigestFromEncoded(alg, de.Name())
 			info, err := de.Info()
 			if err != nil {
@@ -212,10 +202,11 @@ func (s *Store) index() error {
 			return err
 		}
 	}
-	packs, err := os.ReadDir(filepath.Join(s.dir, packDir))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	packs, err := listPacks(s.dir)
+	if err != nil {
 		return err
 	}
+	var pks []*pack
 	for _, de := range packs {
 		p := filepath.Join(s.dir, packDir, de.Name())
 		pk, ents, mtime, err := openPack(p, de)
@@ -226,6 +217,7 @@ func (s *Store) index() error {
 			}
 			continue
 		}
+		pks = append(pks, pk)
 		for _, e := range ents {
 			all = append(all, found{d: e.d, size: e.size, mtime: mtime, pack: pk, off: e.off})
 		}
@@ -252,16 +244,40 @@ func (s *Store) index() error {
 		f.pack.live++
 	}
 	// Packs none of whose chunks was indexed hold nothing.
-	seen := map[*pack]bool{}
-	for _, f := range all {
-		if f.pack != nil && f.pack.live == 0 && !seen[f.pack] {
-			seen[f.pack] = true
-			if err := os.Remove(f.pack.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	for _, pk := range pks {
+		if pk.live == 0 {
+			if err := os.Remove(pk.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// walkChunkFiles calls fn for each file under dir's tree of chunk files
+// of algorithm alg (a missing tree has none).
+func walkChunkFiles(dir string, alg digest.Algorithm, fn func(p string, de fs.DirEntry) error) error {
+	return filepath.WalkDir(filepath.Join(dir, alg.String()), func(p string, de fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if de.IsDir() {
+			return nil
+		}
+		return fn(p, de)
+	})
+}
+
+// listPacks lists dir's packs directory (a missing one has none).
+func listPacks(dir string) ([]fs.DirEntry, error) {
+	ents, err := os.ReadDir(filepath.Join(dir, packDir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	return ents, err
 }
 
 // openPack reads the header of the pack file at p.
@@ -591,7 +607,13 @@ func (s *Store) put(d digest.Digest, b []byte, mem bool) error {
 // already at the path (a concurrent put of the same chunk, or a stray
 // file) and was replaced by a rename.
 func (s *Store) writeChunk(d digest.Digest, b []byte) (replaced bool, err error) {
-	p := s.path(d)
+	return s.writeFile(s.path(d), b)
+}
+
+// writeFile makes bs, back to back, the file p, whole or not at all, as
+// writeChunk says; p's directory is made when missing. replaced reports
+// that a file already at p was replaced by a rename.
+func (s *Store) writeFile(p string, bs ...[]byte) (replaced bool, err error) {
 	dir := filepath.Dir(p)
 	if _, ok := s.dirs.Load(dir); !ok {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -600,7 +622,7 @@ func (s *Store) writeChunk(d digest.Digest, b []byte) (replaced bool, err error)
 		s.dirs.Store(dir, true)
 	}
 	if !s.noTmpfile.Load() {
-		err := linkTmpfile(dir, p, b)
+		err := linkTmpfile(dir, p, bs...)
 		switch {
 		case err == nil:
 			return false, nil
@@ -613,7 +635,7 @@ func (s *Store) writeChunk(d digest.Digest, b []byte) (replaced bool, err error)
 			return false, err
 		}
 	}
-	if err := s.writeRenamed(p, b); err != nil {
+	if err := s.writeRenamed(p, bs...); err != nil {
 		return false, err
 	}
 	return true, nil

@@ -59,16 +59,11 @@ func testCtx(tb testing.TB) context.Context {
 func chunkFiles(tb testing.TB, dir string) []string {
 	tb.Helper()
 	var out []string
-	err := filepath.WalkDir(filepath.Join(dir, "sha256"), func(p string, de fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if !de.IsDir() {
-			out = append(out, p)
-		}
+	err := walkChunkFiles(dir, digest.SHA256, func(p string, _ fs.DirEntry) error {
+		out = append(out, p)
 		return nil
 	})
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err != nil {
 		tb.Fatalf("walk: %v", err)
 	}
 	return out

@@ -134,29 +134,10 @@ func (s *Store) writePack(ds []digest.Digest, bs [][]byte) (string, []packEntry,
 	if err != nil {
 		return "", nil, err
 	}
-	dir := filepath.Join(s.dir, packDir)
-	if _, ok := s.dirs.Load(dir); !ok {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return "", nil, err
-		}
-		s.dirs.Store(dir, true)
-	}
 	var name [16]byte
 	rand.Read(name[:])
-	p := filepath.Join(dir, hex.EncodeToString(name[:]))
-	parts := append([][]byte{h}, bs...)
-	if !s.noTmpfile.Load() {
-		err := linkTmpfile(dir, p, parts...)
-		switch {
-		case err == nil:
-			return p, ents, nil
-		case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EISDIR) || errors.Is(err, unix.EINVAL):
-			s.noTmpfile.Store(true)
-		default:
-			return "", nil, err
-		}
-	}
-	if err := s.writeRenamed(p, parts...); err != nil {
+	p := filepath.Join(s.dir, packDir, hex.EncodeToString(name[:]))
+	if _, err := s.writeFile(p, append([][]byte{h}, bs...)...); err != nil {
 		return "", nil, err
 	}
 	return p, ents, nil
@@ -213,16 +194,7 @@ func writeAll(fd int, bs [][]byte) error {
 // against its digest. It returns how many chunks it checked and an error
 // per chunk or pack that failed, naming its file.
 func Verify(dir string) (n int, bad []error, err error) {
-	err = filepath.WalkDir(filepath.Join(dir, string(digest.SHA256)), func(p string, de fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if de.IsDir() {
-			return nil
-		}
+	err = walkChunkFiles(dir, digest.SHA256, func(p string, de fs.DirEntry) error {
 		b, err := os.ReadFile(p)
 		if err != nil {
 			return err
@@ -236,8 +208,8 @@ func Verify(dir string) (n int, bad []error, err error) {
 	if err != nil {
 		return n, bad, fmt.Errorf("verify chunk files in %s: %w", dir, err)
 	}
-	packs, err := os.ReadDir(filepath.Join(dir, packDir))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	packs, err := listPacks(dir)
+	if err != nil {
 		return n, bad, fmt.Errorf("verify packs in %s: %w", dir, err)
 	}
 	for _, de := range packs {

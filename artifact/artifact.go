@@ -4,7 +4,9 @@
 package artifact
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -119,6 +121,42 @@ type TOC struct {
 	Chunks    []Chunk `json:"chunks"`
 	// Prefetch lists entry names read at startup, in order.
 	Prefetch []string `json:"prefetch,omitempty"`
+	// PrefetchRanges narrows listed files to the byte ranges a startup
+	// read of them; a listed file without ranges is prefetched whole.
+	PrefetchRanges []FileRanges `json:"prefetchRanges,omitempty"`
+}
+
+// FileRanges names the byte ranges of one listed file its startup read,
+// in file offsets, sorted and disjoint.
+type FileRanges struct {
+	Name   string  `json:"name"`
+	Ranges []Range `json:"ranges"`
+}
+
+// Range is Size bytes of a file from Offset; in JSON [offset, size].
+type Range struct {
+	Offset, Size int64
+}
+
+// End is the offset just past r.
+func (r Range) End() int64 { return r.Offset + r.Size }
+
+// MarshalJSON writes r as [offset, size].
+func (r Range) MarshalJSON() ([]byte, error) {
+	return []byte(fmt.Sprintf("[%d,%d]", r.Offset, r.Size)), nil
+}
+
+// UnmarshalJSON reads [offset, size], exactly two integers.
+func (r *Range) UnmarshalJSON(b []byte) error {
+	var v []int64
+	if err := json.Unmarshal(b, &v); err != nil {
+		return fmt.Errorf("range: %w", err)
+	}
+	if len(v) != 2 {
+		return fmt.Errorf("range: %d numbers, want [offset, size]", len(v))
+	}
+	r.Offset, r.Size = v[0], v[1]
+	return nil
 }
 
 // Layer pairs an original image layer with its streaming blob and TOC as

@@ -68,8 +68,9 @@ func newSample(tb testing.TB) *sample {
 			{Name: "a", Type: TypeDir, Mode: 0o755, ModTime: mtime},
 			{Name: "a/b", Type: TypeReg, Mode: 0o644, ModTime: mtime},
 		},
-		Chunks:   chunks,
-		Prefetch: []string{"bin/sh", "etc/passwd", "bin/busybox"},
+		Chunks:         chunks,
+		Prefetch:       []string{"bin/sh", "etc/passwd", "bin/busybox"},
+		PrefetchRanges: []FileRanges{{Name: "bin/sh", Ranges: []Range{{Offset: 0, Size: 100}, {Offset: cs, Size: 50}}}},
 	}
 	if err := toc.Validate(Limits{}); err != nil {
 		tb.Fatalf("sample TOC is invalid: %v", err)
@@ -89,6 +90,10 @@ func cloneTOC(t *TOC) *TOC {
 	c.Entries = append([]Entry(nil), t.Entries...)
 	c.Chunks = append([]Chunk(nil), t.Chunks...)
 	c.Prefetch = append([]string(nil), t.Prefetch...)
+	c.PrefetchRanges = nil
+	for _, fr := range t.PrefetchRanges {
+		c.PrefetchRanges = append(c.PrefetchRanges, FileRanges{Name: fr.Name, Ranges: append([]Range(nil), fr.Ranges...)})
+	}
 	for i := range c.Entries {
 		if x := c.Entries[i].Xattrs; x != nil {
 			c.Entries[i].Xattrs = make(map[string][]byte, len(x))

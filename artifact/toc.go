@@ -114,6 +114,15 @@ func decodeTOCJSON(dec *json.Decoder, lim Limits, t *TOC) error {
 				t.Prefetch = append(t.Prefetch, s)
 				return nil
 			})
+		case "prefetchRanges":
+			err = decodeArray(dec, key, lim.MaxEntries, func() error {
+				var fr FileRanges
+				if err := dec.Decode(&fr); err != nil {
+					return err
+				}
+				t.PrefetchRanges = append(t.PrefetchRanges, fr)
+				return nil
+			})
 		default:
 			return fmt.Errorf("unknown field %q", short(key))
 		}

@@ -83,6 +83,10 @@ func TestDecodeTOCRejects(t *testing.T) {
 		{"chunk count while decoding", zstdJSON(t, `{"chunks":[{},{},{}]}`), Limits{MaxChunks: 2}, "more than 2 chunks"},
 		{"bomb", zstdJSON(t, strings.Repeat(" ", 4<<20)+`{}`), Limits{MaxTOCBytes: 1 << 20}, "larger than|exceeds"},
 		{"streamed bomb", zstdStream(t, strings.Repeat(" ", 4<<20)+`{}`), Limits{MaxTOCBytes: 1 << 20}, "larger than"},
+		{"range of three numbers", zstdJSON(t, `{"prefetchRanges":[{"name":"a","ranges":[[1,2,3]]}]}`), Limits{}, "3 numbers"},
+		{"range as an object", zstdJSON(t, `{"prefetchRanges":[{"name":"a","ranges":[{"offset":1}]}]}`), Limits{}, "range:"},
+		{"unknown prefetch ranges field", zstdJSON(t, `{"prefetchRanges":[{"name":"a","evil":1}]}`), Limits{}, "unknown field"},
+		{"prefetch ranges count while decoding", zstdJSON(t, `{"prefetchRanges":[{},{},{},{}]}`), Limits{MaxEntries: 3}, "more than 3 prefetchRanges"},
 		{"valid JSON, invalid TOC", zstdJSON(t, `{"version":1}`), Limits{}, "layer:"},
 	}
 	for _, tt := range tests {

@@ -156,6 +156,16 @@ func (t *TOC) validateHeader(lim Limits) error {
 	if len(t.Prefetch) > len(t.Entries) {
 		return invalid("%d prefetch names for %d entries", len(t.Prefetch), len(t.Entries))
 	}
+	if len(t.PrefetchRanges) > len(t.Prefetch) {
+		return invalid("ranges for %d prefetch names, %d listed", len(t.PrefetchRanges), len(t.Prefetch))
+	}
+	n := 0
+	for _, fr := range t.PrefetchRanges {
+		n += len(fr.Ranges)
+	}
+	if n > lim.MaxChunks {
+		return invalid("%d prefetch ranges, limit %d", n, lim.MaxChunks)
+	}
 	return nil
 }
 
@@ -436,7 +446,46 @@ func (t *TOC) validatePrefetch(byName map[string]int) error {
 		}
 		seen[name] = struct{}{}
 	}
+	ranged := make(map[string]struct{}, len(t.PrefetchRanges))
+	for i, fr := range t.PrefetchRanges {
+		if _, ok := seen[fr.Name]; !ok {
+			return invalid("prefetch ranges %d (%q): not in the prefetch list", i, short(fr.Name))
+		}
+		if _, dup := ranged[fr.Name]; dup {
+			return invalid("prefetch ranges %d (%q): given twice", i, short(fr.Name))
+		}
+		ranged[fr.Name] = struct{}{}
+		e := t.Entries[byName[fr.Name]]
+		if e.Type == TypeHardlink {
+			if k, ok := byName[e.Linkname]; ok {
+				e = t.Entries[k]
+			}
+		}
+		if len(fr.Ranges) == 0 {
+			return invalid("prefetch ranges %d (%q): no range", i, short(fr.Name))
+		}
+		var end int64
+		for k, r := range fr.Ranges {
+			switch {
+			case r.Offset < end || r.Size <= 0:
+				return invalid("prefetch ranges %d (%q): range %d [%d, +%d) empty, out of order or overlapping", i, short(fr.Name), k, r.Offset, r.Size)
+			case r.Size > e.Size || r.Offset > e.Size-r.Size:
+				return invalid("prefetch ranges %d (%q): range %d [%d, +%d) beyond the file's %d bytes", i, short(fr.Name), k, r.Offset, r.Size, e.Size)
+			}
+			end = r.End()
+		}
+	}
 	return nil
+}
+
+// PrefetchRangeMap maps each prefetch name that has ranges to them; a
+// listed file not in it is to be prefetched whole.
+func (t *TOC) PrefetchRangeMap() map[string][]Range {
+	m := make(map[string][]Range, len(t.PrefetchRanges))
+	for _, fr := range t.PrefetchRanges {
+		m[fr.Name] = fr.Ranges
+	}
+	return m
 }
 
 func isLowerHex(s string) bool {

@@ -106,6 +106,26 @@ func TestValidateRejects(t *testing.T) {
 		{"prefetch dir", Limits{}, func(_ testing.TB, toc *TOC) { toc.Prefetch = []string{"etc"} }, "want a regular file"},
 		{"prefetch symlink", Limits{}, func(_ testing.TB, toc *TOC) { toc.Prefetch = []string{"usr/bin/env"} }, "want a regular file"},
 		{"prefetch duplicate", Limits{}, func(_ testing.TB, toc *TOC) { toc.Prefetch = []string{"bin/sh", "bin/sh"} }, "listed twice"},
+		{"prefetch ranges unlisted", Limits{}, func(_ testing.TB, toc *TOC) {
+			toc.PrefetchRanges = append(toc.PrefetchRanges, FileRanges{Name: "a/b", Ranges: []Range{{0, 1}}})
+		}, "not in the prefetch list"},
+		{"prefetch ranges twice", Limits{}, func(_ testing.TB, toc *TOC) {
+			toc.PrefetchRanges = append(toc.PrefetchRanges, toc.PrefetchRanges[0])
+		}, "given twice"},
+		{"prefetch ranges empty", Limits{}, func(_ testing.TB, toc *TOC) { toc.PrefetchRanges[0].Ranges = nil }, "no range"},
+		{"prefetch range empty", Limits{}, func(_ testing.TB, toc *TOC) { toc.PrefetchRanges[0].Ranges[1].Size = 0 }, "empty, out of order"},
+		{"prefetch range negative", Limits{}, func(_ testing.TB, toc *TOC) { toc.PrefetchRanges[0].Ranges[0].Offset = -1 }, "empty, out of order"},
+		{"prefetch ranges overlap", Limits{}, func(_ testing.TB, toc *TOC) { toc.PrefetchRanges[0].Ranges[1].Offset = 99 }, "overlapping"},
+		{"prefetch range past the file", Limits{}, func(_ testing.TB, toc *TOC) { toc.PrefetchRanges[0].Ranges[1].Size = 51 }, "beyond the file's"},
+		{"prefetch range overflow", Limits{}, func(_ testing.TB, toc *TOC) {
+			toc.PrefetchRanges[0].Ranges[1] = Range{Offset: 1 << 62, Size: 1 << 62}
+		}, "beyond the file's"},
+		{"prefetch ranges of a hardlink", Limits{}, func(_ testing.TB, toc *TOC) {
+			toc.PrefetchRanges = append(toc.PrefetchRanges, FileRanges{Name: "bin/busybox", Ranges: []Range{{MinChunkSize, 51}}})
+		}, "beyond the file's"},
+		{"prefetch ranges over the limit", Limits{MaxChunks: 4}, func(_ testing.TB, toc *TOC) {
+			toc.PrefetchRanges[0].Ranges = []Range{{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}}
+		}, "prefetch ranges, limit"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -133,7 +153,7 @@ func TestValidateAccepts(t *testing.T) {
 	}{
 		{"sample", func(testing.TB, *TOC) {}},
 		{"empty layer", func(_ testing.TB, toc *TOC) {
-			toc.Entries, toc.Chunks, toc.Prefetch, toc.TarSize, toc.BlobSize = nil, nil, nil, 0, 0
+			toc.Entries, toc.Chunks, toc.Prefetch, toc.PrefetchRanges, toc.TarSize, toc.BlobSize = nil, nil, nil, nil, 0, 0
 		}},
 		{"empty file anywhere", func(tb testing.TB, toc *TOC) { entry(tb, toc, ".wh.old").Offset = 17 }},
 		{"file at tar end", func(tb testing.TB, toc *TOC) {

@@ -84,13 +84,16 @@ type Options struct {
 	TempDir string
 	// PrefetchList, when not nil, is the artifact's startup profile: paths
 	// of the image's merged filesystem (absolute or relative), in order of
-	// first read. Each layer's TOC lists the regular files it provides as
-	// the top-most layer holding them. An existing artifact whose lists
-	// differ is replaced by a new revision (new TOCs, the same streaming
-	// blobs). Nil leaves prefetch lists as they are.
-	PrefetchList []string
+	// first read, each with the byte ranges of it read at startup when
+	// not the whole file. Each layer's TOC lists the regular files it
+	// provides as the top-most layer holding them. An existing artifact
+	// whose lists differ is replaced by a new revision (new TOCs, the same
+	// streaming blobs). Nil leaves prefetch lists as they are.
+	PrefetchList []PrefetchFile
 	// PrefetchIgnoreMissing ignores paths of PrefetchList the image does
-	// not have, instead of failing with ErrPrefetchMissing.
+	// not have, instead of failing with ErrPrefetchMissing, and cuts
+	// ranges past the end of their files instead of failing with
+	// ErrPrefetchBeyond.
 	PrefetchIgnoreMissing bool
 }
 

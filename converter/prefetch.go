@@ -2,12 +2,15 @@ package converter
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -23,6 +26,15 @@ import (
 // Options.PrefetchIgnoreMissing).
 var ErrPrefetchMissing = errors.New("prefetch list names paths not in the image")
 
+// ErrPrefetchBeyond is returned when a prefetch list gives a file byte
+// ranges past its end (unless Options.PrefetchIgnoreMissing): the list was
+// recorded with another version of the file.
+var ErrPrefetchBeyond = errors.New("prefetch list ranges pass the end of their files")
+
+func equalFileRanges(a, b artifact.FileRanges) bool {
+	return a.Name == b.Name && slices.Equal(a.Ranges, b.Ranges)
+}
+
 // maxSymlinkHops bounds symlink resolution of a prefetch path, as the
 // kernel's MAXSYMLINKS does.
 const maxSymlinkHops = 40
@@ -30,23 +42,97 @@ const maxSymlinkHops = 40
 // maxTOCBytes bounds a TOC blob read back from the registry.
 const maxTOCBytes = 64 << 20
 
-// ParsePrefetchList reads a prefetch list: one path per line, in order;
-// blank lines and lines starting with '#' are ignored, surrounding spaces
-// trimmed.
-func ParsePrefetchList(r io.Reader) ([]string, error) {
+// PrefetchFile is one line of a prefetch list: a path in the image's
+// merged filesystem and, when its startup read only parts of it, those
+// byte ranges of the file (nil: the whole file is prefetched).
+type PrefetchFile struct {
+	Path   string
+	Ranges []artifact.Range
+}
+
+// String formats f as a prefetch list line: the path, then, when there
+// are ranges, a tab and OFFSET+SIZE ranges separated by commas.
+func (f PrefetchFile) String() string {
+	if len(f.Ranges) == 0 {
+		return f.Path
+	}
+	var b strings.Builder
+	b.WriteString(f.Path)
+	for i, r := range f.Ranges {
+		if i == 0 {
+			b.WriteByte('\t')
+		} else {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.FormatInt(r.Offset, 10) + "+" + strconv.FormatInt(r.Size, 10))
+	}
+	return b.String()
+}
+
+// PrefetchPaths makes a prefetch list of whole files.
+func PrefetchPaths(paths ...string) []PrefetchFile {
+	out := make([]PrefetchFile, len(paths))
+	for i, p := range paths {
+		out[i] = PrefetchFile{Path: p}
+	}
+	return out
+}
+
+// ParsePrefetchList reads a prefetch list: one file per line, in order of
+// first read: its path, optionally followed by a tab and the byte ranges
+// of it read at startup (OFFSET+SIZE, separated by commas; see
+// PrefetchFile.String). Blank lines and lines starting with '#' are
+// ignored, surrounding spaces trimmed. Ranges are sorted and merged.
+func ParsePrefetchList(r io.Reader) ([]PrefetchFile, error) {
 	b, err := io.ReadAll(io.LimitReader(r, 64<<20))
 	if err != nil {
 		return nil, fmt.Errorf("read prefetch list: %w", err)
 	}
-	out := []string{}
-	for _, line := range strings.Split(string(b), "\n") {
+	out := []PrefetchFile{}
+	for n, line := range strings.Split(string(b), "\n") {
 		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		out = append(out, line)
+		f := PrefetchFile{Path: line}
+		if i := strings.LastIndexByte(line, '\t'); i >= 0 {
+			f.Path = strings.TrimSpace(line[:i])
+			if f.Ranges, err = parseRanges(line[i+1:]); err != nil {
+				return nil, fmt.Errorf("prefetch list line %d (%s): %w", n+1, f.Path, err)
+			}
+		}
+		out = append(out, f)
 	}
 	return out, nil
+}
+
+// parseRanges reads OFFSET+SIZE[,OFFSET+SIZE...] into sorted, merged ranges.
+func parseRanges(s string) ([]artifact.Range, error) {
+	var rs []artifact.Range
+	for _, part := range strings.Split(s, ",") {
+		o, sz, ok := strings.Cut(strings.TrimSpace(part), "+")
+		off, err1 := strconv.ParseInt(o, 10, 64)
+		size, err2 := strconv.ParseInt(sz, 10, 64)
+		if !ok || err1 != nil || err2 != nil || off < 0 || size <= 0 || off > math.MaxInt64-size {
+			return nil, fmt.Errorf("range %q: want OFFSET+SIZE, a size above 0", part)
+		}
+		rs = append(rs, artifact.Range{Offset: off, Size: size})
+	}
+	return mergeRanges(rs), nil
+}
+
+// mergeRanges sorts rs and merges ranges that overlap or touch.
+func mergeRanges(rs []artifact.Range) []artifact.Range {
+	slices.SortFunc(rs, func(a, b artifact.Range) int { return cmp.Compare(a.Offset, b.Offset) })
+	out := rs[:0]
+	for _, r := range rs {
+		if n := len(out); n > 0 && r.Offset <= out[n-1].End() {
+			out[n-1].Size = max(out[n-1].End(), r.End()) - out[n-1].Offset
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // layerView indexes one layer's TOC by name, as overlayfs sees it.
@@ -204,37 +290,80 @@ func cleanRel(p string) string {
 // order) among the image's layers, given their TOCs bottom first: each
 // regular file goes to the top-most layer that provides it, under that
 // layer's TOC name (hardlinks and symlinks resolved), each once, in list
-// order. It returns the per-layer lists and the paths the image does not
-// have. Paths that are not regular files (directories, devices) are left
-// out and returned in skipped.
-func AssignPrefetch(tocs []*artifact.TOC, list []string) (perLayer [][]string, missing, skipped []string) {
+// order, with its byte ranges (a file listed twice gets the union; whole
+// if either is). It returns the per-layer lists and ranges and the paths
+// the image does not have. Paths that are not regular files (directories,
+// devices) are left out and returned in skipped; paths with ranges past
+// the end of their file are returned in beyond, their ranges cut to it.
+func AssignPrefetch(tocs []*artifact.TOC, list []PrefetchFile) (perLayer [][]string, ranges [][]artifact.FileRanges, missing, skipped, beyond []string) {
 	m := make(merged, len(tocs))
 	for i, t := range tocs {
 		m[i] = newLayerView(t)
 	}
 	perLayer = make([][]string, len(tocs))
-	seen := make([]map[string]bool, len(tocs))
-	for i := range seen {
-		seen[i] = map[string]bool{}
+	type listed struct {
+		whole  bool
+		ranges []artifact.Range
 	}
-	for _, raw := range list {
-		p := cleanRel(raw)
+	got := make([]map[string]*listed, len(tocs))
+	for i := range got {
+		got[i] = map[string]*listed{}
+	}
+	for _, f := range list {
+		p := cleanRel(f.Path)
 		if p == "" {
-			skipped = append(skipped, raw)
+			skipped = append(skipped, f.Path)
 			continue
 		}
 		i, name, err := m.resolve(p)
 		switch {
 		case err != nil:
-			skipped = append(skipped, raw)
+			skipped = append(skipped, f.Path)
+			continue
 		case i < 0:
-			missing = append(missing, raw)
-		case !seen[i][name]:
-			seen[i][name] = true
+			missing = append(missing, f.Path)
+			continue
+		}
+		l := got[i][name]
+		if l == nil {
+			l = &listed{}
+			got[i][name] = l
 			perLayer[i] = append(perLayer[i], name)
 		}
+		if len(f.Ranges) == 0 {
+			l.whole = true
+			continue
+		}
+		size := m[i].names[name].Size
+		cut := false
+		for _, r := range f.Ranges {
+			if r.End() > size {
+				cut = true
+				r.Size = size - r.Offset
+			}
+			if r.Size > 0 {
+				l.ranges = append(l.ranges, r)
+			}
+		}
+		if cut {
+			beyond = append(beyond, f.Path)
+		}
 	}
-	return perLayer, missing, skipped
+	ranges = make([][]artifact.FileRanges, len(tocs))
+	for i, names := range perLayer {
+		for _, name := range names {
+			l := got[i][name]
+			if l.whole || len(l.ranges) == 0 {
+				continue // whole, or every range past the end: the whole file
+			}
+			rs := mergeRanges(l.ranges)
+			if size := m[i].names[name].Size; len(rs) == 1 && rs[0].Offset == 0 && rs[0].Size == size {
+				continue // the whole file, said as a range
+			}
+			ranges[i] = append(ranges[i], artifact.FileRanges{Name: name, Ranges: rs})
+		}
+	}
+	return perLayer, ranges, missing, skipped, beyond
 }
 
 // fetchTOC reads and decodes a TOC blob from the registry.
@@ -275,7 +404,7 @@ func (cv *converter) withPrefetch(ctx context.Context, subject ocispec.Descripto
 		}
 		tocs[i] = t
 	}
-	per, missing, skipped := AssignPrefetch(tocs, cv.opts.PrefetchList)
+	per, ranges, missing, skipped, beyond := AssignPrefetch(tocs, cv.opts.PrefetchList)
 	if len(skipped) > 0 {
 		l.WithField("paths", skipped).Warn("prefetch list entries that are not regular files are left out")
 	}
@@ -285,15 +414,21 @@ func (cv *converter) withPrefetch(ctx context.Context, subject ocispec.Descripto
 		}
 		l.WithField("paths", missing).Warn("prefetch list entries not in the image are ignored")
 	}
+	if len(beyond) > 0 {
+		if !cv.opts.PrefetchIgnoreMissing {
+			return nil, false, fmt.Errorf("%w: %s", ErrPrefetchBeyond, quoteList(beyond, 10))
+		}
+		l.WithField("paths", beyond).Warn("prefetch list ranges past the end of their files are cut to it")
+	}
 	out := slices.Clone(layers)
 	changed := false
 	for i, t := range tocs {
-		if slices.Equal(t.Prefetch, per[i]) {
+		if slices.Equal(t.Prefetch, per[i]) && slices.EqualFunc(t.PrefetchRanges, ranges[i], equalFileRanges) {
 			reps[i].Prefetch = len(per[i])
 			continue
 		}
 		nt := *t
-		nt.Prefetch = per[i]
+		nt.Prefetch, nt.PrefetchRanges = per[i], ranges[i]
 		if err := nt.Validate(artifact.Limits{}); err != nil {
 			return nil, false, fmt.Errorf("layer %d (%s): prefetch list: %w", i, layers[i].Original, err)
 		}

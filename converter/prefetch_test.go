@@ -90,7 +90,7 @@ func TestAssignPrefetch(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got, missing, skipped := AssignPrefetch(tocs, tc.list)
+			got, ranges, missing, skipped, beyond := AssignPrefetch(tocs, PrefetchPaths(tc.list...))
 			for i := range tocs {
 				if !slices.Equal(got[i], tc.want[i]) {
 					t.Errorf("layer %d: %q, want %q", i, got[i], tc.want[i])
@@ -99,14 +99,86 @@ func TestAssignPrefetch(t *testing.T) {
 			if !slices.Equal(missing, tc.missing) || !slices.Equal(skipped, tc.skipped) {
 				t.Errorf("missing %q skipped %q, want %q %q", missing, skipped, tc.missing, tc.skipped)
 			}
+			for i, r := range ranges {
+				if len(r) != 0 {
+					t.Errorf("layer %d: ranges %v for a list of whole files", i, r)
+				}
+			}
+			if len(beyond) != 0 {
+				t.Errorf("beyond %q for a list without ranges", beyond)
+			}
 		})
 	}
 }
 
+// TestAssignPrefetchRanges: ranges follow their file to the layer and
+// name that hold it, a file listed twice gets the union of its ranges (the
+// whole file when one line lists it whole), ranges covering the file are
+// the whole file, and ranges past its end are cut and reported.
+func TestAssignPrefetchRanges(t *testing.T) {
+	tocs := layerTOCs(t, prefetchLayers(t))
+	rs := func(pairs ...int64) []artifact.Range {
+		var out []artifact.Range
+		for i := 0; i < len(pairs); i += 2 {
+			out = append(out, artifact.Range{Offset: pairs[i], Size: pairs[i+1]})
+		}
+		return out
+	}
+	list := []PrefetchFile{
+		{Path: "/bin/sh", Ranges: rs(0, 1)},       // "sh v2", layer 1
+		{Path: "/bin/hard", Ranges: rs(3, 1)},     // "real" through a hardlink
+		{Path: "/bin/real", Ranges: rs(1, 1)},     // the same file again: union
+		{Path: "/bin/link", Ranges: rs(0, 2)},     // "ls" whole, said as a range
+		{Path: "/lib/libc.so", Ranges: rs(1, 1)},  // through a symlinked dir
+		{Path: "/usr/lib/libc.so"},                // listed whole too: whole
+		{Path: "/app", Ranges: rs(2, 5)},          // "app": past its end, cut
+		{Path: "/bin/sh", Ranges: rs(2, 1, 3, 1)}, // more of sh: merged with 0+1
+	}
+	per, ranges, missing, skipped, beyond := AssignPrefetch(tocs, list)
+	wantPer := [][]string{{"bin/ls", "usr/lib/libc.so"}, {"bin/sh", "bin/real"}, {"app"}}
+	wantRanges := [][]artifact.FileRanges{
+		nil,
+		{{Name: "bin/sh", Ranges: rs(0, 1, 2, 2)}, {Name: "bin/real", Ranges: rs(1, 1, 3, 1)}},
+		{{Name: "app", Ranges: rs(2, 1)}},
+	}
+	for i := range tocs {
+		if !slices.Equal(per[i], wantPer[i]) {
+			t.Errorf("layer %d: %q, want %q", i, per[i], wantPer[i])
+		}
+		if !slices.EqualFunc(ranges[i], wantRanges[i], equalFileRanges) {
+			t.Errorf("layer %d: ranges %v, want %v", i, ranges[i], wantRanges[i])
+		}
+	}
+	if len(missing)+len(skipped) != 0 || !slices.Equal(beyond, []string{"/app"}) {
+		t.Errorf("missing %q skipped %q beyond %q, want only /app beyond", missing, skipped, beyond)
+	}
+	// What AssignPrefetch gives makes valid TOCs.
+	for i, toc := range tocs {
+		nt := *toc
+		nt.Prefetch, nt.PrefetchRanges = per[i], ranges[i]
+		if err := nt.Validate(artifact.Limits{}); err != nil {
+			t.Errorf("layer %d: %v", i, err)
+		}
+	}
+}
+
 func TestParsePrefetchList(t *testing.T) {
-	got, err := ParsePrefetchList(strings.NewReader("# startup\n/bin/sh\n\n  /etc/passwd  \n#/skip\n/app\n"))
-	if err != nil || !slices.Equal(got, []string{"/bin/sh", "/etc/passwd", "/app"}) {
-		t.Fatalf("ParsePrefetchList = %q, %v", got, err)
+	got, err := ParsePrefetchList(strings.NewReader("# startup\n/bin/sh\n\n  /etc/passwd  \n#/skip\n/app\n" +
+		"/usr/lib/big file\t4096+4096,0+100, 8192+1\n"))
+	want := []PrefetchFile{{Path: "/bin/sh"}, {Path: "/etc/passwd"}, {Path: "/app"},
+		{Path: "/usr/lib/big file", Ranges: []artifact.Range{{Offset: 0, Size: 100}, {Offset: 4096, Size: 4097}}}}
+	if err != nil || !slices.EqualFunc(got, want, func(a, b PrefetchFile) bool { return a.Path == b.Path && slices.Equal(a.Ranges, b.Ranges) }) {
+		t.Fatalf("ParsePrefetchList = %v, %v; want %v", got, err, want)
+	}
+	// A line written by String reads back the same.
+	if back, err := ParsePrefetchList(strings.NewReader(want[3].String() + "\n")); err != nil || len(back) != 1 || back[0].String() != want[3].String() {
+		t.Errorf("%q read back as %v, %v", want[3].String(), back, err)
+	}
+	for _, bad := range []string{"/a\t1", "/a\t1+0", "/a\t-1+2", "/a\tx+2", "/a\t1+2,", "/a\t1+9223372036854775807"} {
+		_, err := ParsePrefetchList(strings.NewReader("/ok\n" + bad + "\n"))
+		if err == nil || !strings.Contains(err.Error(), "line 2 (/a)") {
+			t.Errorf("ParsePrefetchList(%q) = %v, want an error naming line 2 and /a", bad, err)
+		}
 	}
 }
 
@@ -119,6 +191,25 @@ func uploads(p *testenv.Proxy) int {
 		}
 	}
 	return n
+}
+
+// artifactRanges returns the prefetch ranges of every layer of the
+// image's current artifact.
+func artifactRanges(t *testing.T, c *fetcher.Client, ref fetcher.Ref, subject ocispec.Descriptor) [][]artifact.FileRanges {
+	t.Helper()
+	m, _, err := c.FindArtifact(testContext(t), ref, subject)
+	if err != nil {
+		t.Fatalf("FindArtifact: %v", err)
+	}
+	var out [][]artifact.FileRanges
+	for _, l := range m.Layers {
+		toc, err := artifact.DecodeTOC(bytes.NewReader(fetchAll(t, c, ref, ociDesc(l.TOC))), artifact.Limits{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, toc.PrefetchRanges)
+	}
+	return out
 }
 
 // artifactPrefetch returns the prefetch list of every layer of the image's
@@ -164,7 +255,7 @@ func TestConvertPrefetchRevision(t *testing.T) {
 	// With a list: a new revision, only TOCs uploaded, the old manifest gone.
 	proxy.ResetCounters()
 	opts := testOptions(t)
-	opts.PrefetchList = []string{"/app", "/bin/sh", "/bin/ls"}
+	opts.PrefetchList = PrefetchPaths("/app", "/bin/sh", "/bin/ls")
 	res, err := Convert(testContext(t), c, ref, opts)
 	if err != nil {
 		t.Fatalf("Convert with a prefetch list: %v", err)
@@ -214,8 +305,35 @@ func TestConvertPrefetchRevision(t *testing.T) {
 		t.Errorf("same list again: existing=%v artifact=%s writes %v", again[0].Existing, again[0].Artifact.Digest, w)
 	}
 
+	// Ranges: another revision whose TOC narrows the file; the same again
+	// writes nothing; ranges past a file's end fail and change nothing.
+	opts.PrefetchList = []PrefetchFile{{Path: "/app"}, {Path: "/bin/sh", Ranges: []artifact.Range{{Offset: 1, Size: 2}}}, {Path: "/bin/ls"}}
+	ranged, err := Convert(testContext(t), c, ref, opts)
+	if err != nil {
+		t.Fatalf("Convert with ranges: %v", err)
+	}
+	if ranged[0].Replaced.Digest != r.Artifact.Digest {
+		t.Errorf("ranges replaced %s, want a revision of %s", ranged[0].Replaced.Digest, r.Artifact.Digest)
+	}
+	if got := artifactRanges(t, c, ref, subject); len(got[0])+len(got[2]) != 0 || len(got[1]) != 1 ||
+		!equalFileRanges(got[1][0], artifact.FileRanges{Name: "bin/sh", Ranges: []artifact.Range{{Offset: 1, Size: 2}}}) {
+		t.Errorf("prefetch ranges %v, want bin/sh 1+2 in layer 1", got)
+	}
+	proxy.ResetCounters()
+	if again, err := Convert(testContext(t), c, ref, opts); err != nil || !again[0].Existing || len(writes(proxy)) != 0 {
+		t.Errorf("same ranges again: %v, existing=%v, writes %v", err, again != nil && again[0].Existing, writes(proxy))
+	}
+	opts.PrefetchList = []PrefetchFile{{Path: "/bin/sh", Ranges: []artifact.Range{{Offset: 4, Size: 10}}}}
+	if _, err := Convert(testContext(t), c, ref, opts); !errors.Is(err, ErrPrefetchBeyond) || !strings.Contains(err.Error(), "/bin/sh") {
+		t.Fatalf("Convert with a range past the file = %v, want ErrPrefetchBeyond naming /bin/sh", err)
+	}
+	if _, _, d := artifactPrefetch(t, c, ref, subject); d.Digest != ranged[0].Artifact.Digest {
+		t.Errorf("a failed revision changed the artifact to %s", d.Digest)
+	}
+	r = ranged[0]
+
 	// Missing paths fail, naming them, and change nothing.
-	opts.PrefetchList = []string{"/app", "/etc/gone", "/nope"}
+	opts.PrefetchList = PrefetchPaths("/app", "/etc/gone", "/nope")
 	if _, err := Convert(testContext(t), c, ref, opts); !errors.Is(err, ErrPrefetchMissing) || !strings.Contains(err.Error(), "/nope") || !strings.Contains(err.Error(), "/etc/gone") {
 		t.Fatalf("Convert with missing paths = %v, want ErrPrefetchMissing naming them", err)
 	}
@@ -241,7 +359,7 @@ func TestConvertPrefetchFresh(t *testing.T) {
 	subject := pushImage(t, c, ref, imageSpec{platform: "linux/amd64", layers: prefetchLayers(t)}, "v1")
 	subject.Platform = nil
 	opts := testOptions(t)
-	opts.PrefetchList = []string{"/bin/hard", "/lib/libc.so"}
+	opts.PrefetchList = PrefetchPaths("/bin/hard", "/lib/libc.so")
 	res, err := Convert(testContext(t), c, ref, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -288,7 +406,7 @@ func TestConvertPrefetchDeleteRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	opts := testOptions(t)
-	opts.PrefetchList = []string{"/app"}
+	opts.PrefetchList = PrefetchPaths("/app")
 	res, err := Convert(testContext(t), c, ref, opts)
 	if err != nil {
 		t.Fatalf("Convert with a refused DELETE: %v", err)

@@ -470,7 +470,9 @@ type prefetchRun struct {
 }
 
 // planPrefetch turns a layer's prefetch list into few, large range
-// requests. A startup reads hundreds of small files one after another;
+// requests, for the chunks of each listed file, or of the parts of it the
+// list gives (its startup read only those: the rest of a large file, a
+// JVM's modules image, comes with the background fetch). A startup reads hundreds of small files one after another;
 // fetched one request per file, that is one round trip per file, which
 // costs more than the bytes over a link of tens of milliseconds. So the
 // chunks of every listed file are taken in blob order and merged into runs
@@ -485,6 +487,7 @@ func planPrefetch(toc *artifact.TOC, maxCoalesce, gap int64) []prefetchRun {
 		byName[e.Name] = i
 	}
 	rank := map[int]int{} // chunk index -> first list position needing it
+	ranges := toc.PrefetchRangeMap()
 	for pos, name := range toc.Prefetch {
 		i, ok := byName[name]
 		if !ok {
@@ -499,10 +502,16 @@ func planPrefetch(toc *artifact.TOC, maxCoalesce, gap int64) []prefetchRun {
 		if e.Type != artifact.TypeReg || e.Size == 0 {
 			continue
 		}
-		first, last := toc.ChunkRange(e.Offset, e.Size)
-		for c := first; c < last; c++ {
-			if _, ok := rank[c]; !ok {
-				rank[c] = pos
+		parts, ok := ranges[name]
+		if !ok {
+			parts = []artifact.Range{{Offset: 0, Size: e.Size}}
+		}
+		for _, r := range parts {
+			first, last := toc.ChunkRange(e.Offset+r.Offset, r.Size)
+			for c := first; c < last; c++ {
+				if _, ok := rank[c]; !ok {
+					rank[c] = pos
+				}
 			}
 		}
 	}

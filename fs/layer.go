@@ -115,8 +115,9 @@ type Stats struct {
 	Reads       int64 // FUSE read requests answered with data
 	BytesServed int64 // bytes returned by those reads
 	Errors      int64 // reads that failed (EIO or EINTR)
-	// PushedFiles and PushedBytes count the listed files written whole,
-	// and the bytes written, into the kernel's page cache (Options.Push).
+	// PushedFiles and PushedBytes count the listed files written (whole,
+	// or the parts their list gives), and the bytes written, into the
+	// kernel's page cache (Options.Push).
 	PushedFiles, PushedBytes int64
 }
 

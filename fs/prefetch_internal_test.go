@@ -134,3 +134,32 @@ func TestPlanPrefetchBoundsRequests(t *testing.T) {
 		t.Errorf("first run %+v does not hold f39, the first listed", runs[0])
 	}
 }
+
+// TestPlanPrefetchRanges: a listed file with ranges is planned as the
+// chunks those ranges touch, not the whole file; a listed file without
+// ranges is planned whole.
+func TestPlanPrefetchRanges(t *testing.T) {
+	const MiB = 1 << 20
+	order := []string{"modules", "small"}
+	toc := layoutTOC(map[string]int64{"modules": 16 * MiB, "small": 40 << 10}, order, 1*MiB)
+	toc.Prefetch = []string{"modules", "small"}
+	// Parts of chunk 1 and chunk 2 of the file, and all of chunk 9.
+	toc.PrefetchRanges = []artifact.FileRanges{{Name: "modules", Ranges: []artifact.Range{
+		{Offset: MiB + 10, Size: MiB}, {Offset: 9 * MiB, Size: MiB}}}}
+	got := planPrefetch(toc, 4*MiB, 0)
+	mFirst, _ := chunksOfFile(toc, "modules")
+	sFirst, sLast := chunksOfFile(toc, "small")
+	want := []prefetchRun{
+		{first: mFirst + 1, last: mFirst + 3, rank: 0},
+		{first: mFirst + 9, last: mFirst + 10, rank: 0},
+		{first: sFirst, last: sLast, rank: 1},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("plan with ranges: %+v; want %+v", got, want)
+	}
+	toc.PrefetchRanges = nil
+	got = planPrefetch(toc, 32*MiB, 0)
+	if _, mLast := chunksOfFile(toc, "modules"); len(got) != 2 || got[0].first != mFirst || got[0].last != mLast {
+		t.Fatalf("plan without ranges: %+v; want all of modules's chunks [%d, %d) first", got, mFirst, mLast)
+	}
+}

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -29,12 +30,29 @@ type profiles struct {
 }
 
 type imageProfile struct {
-	files []string
-	seen  map[string]bool
+	files []*profiledFile
+	seen  map[string]*profiledFile
 }
 
-// add appends path to image's profile unless it is there already.
-func (p *profiles) add(image, path string) {
+// profiledFile is a file read at startup: the parts of it read, sorted
+// and merged, and its size.
+type profiledFile struct {
+	path   string
+	size   int64
+	ranges []artifact.Range
+}
+
+// ProfiledFile is one file of a startup profile: its path in the image
+// and, when the startup read only parts of it, those byte ranges (at the
+// granularity of the layer's chunks, the unit the filesystem fetches).
+type ProfiledFile struct {
+	Path   string
+	Ranges []artifact.Range // nil: the whole file was read
+}
+
+// add records that r of the file at path (size bytes) was read: the file
+// goes to the end of image's profile unless it is there already.
+func (p *profiles) add(image, path string, size int64, r artifact.Range) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.images == nil {
@@ -42,24 +60,50 @@ func (p *profiles) add(image, path string) {
 	}
 	ip := p.images[image]
 	if ip == nil {
-		ip = &imageProfile{seen: map[string]bool{}}
+		ip = &imageProfile{seen: map[string]*profiledFile{}}
 		p.images[image] = ip
 	}
-	if ip.seen[path] || len(ip.files) >= maxProfileFiles {
-		return
+	f := ip.seen[path]
+	if f == nil {
+		if len(ip.files) >= maxProfileFiles {
+			return
+		}
+		f = &profiledFile{path: path, size: size}
+		ip.seen[path] = f
+		ip.files = append(ip.files, f)
 	}
-	ip.seen[path] = true
-	ip.files = append(ip.files, path)
+	f.size = max(f.size, size)
+	f.ranges = addRange(f.ranges, r)
 }
 
-func (p *profiles) get(image string) ([]string, bool) {
+// addRange inserts r into rs (sorted, disjoint, not touching) and merges
+// it with the ranges it overlaps or touches.
+func addRange(rs []artifact.Range, r artifact.Range) []artifact.Range {
+	i := sort.Search(len(rs), func(i int) bool { return rs[i].End() >= r.Offset })
+	j := i
+	for j < len(rs) && rs[j].Offset <= r.End() {
+		lo, hi := min(r.Offset, rs[j].Offset), max(r.End(), rs[j].End())
+		r = artifact.Range{Offset: lo, Size: hi - lo}
+		j++
+	}
+	return slices.Replace(rs, i, j, r)
+}
+
+func (p *profiles) get(image string) ([]ProfiledFile, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ip, ok := p.images[image]
 	if !ok {
 		return nil, false
 	}
-	return append([]string(nil), ip.files...), true
+	out := make([]ProfiledFile, len(ip.files))
+	for i, f := range ip.files {
+		out[i].Path = f.path
+		if len(f.ranges) != 1 || f.ranges[0].Offset != 0 || f.ranges[0].Size < f.size {
+			out[i].Ranges = slices.Clone(f.ranges)
+		}
+	}
+	return out, true
 }
 
 func (p *profiles) reset(image string) {
@@ -89,10 +133,11 @@ func profileKey(image string) string {
 }
 
 // Profile returns the files the containers of image read first, in the
-// order they were first read, as absolute paths inside the image: the
-// reads of each layer during the first RecordWindow after it mounted. It
-// reports false when nothing was recorded for image.
-func (m *Manager) Profile(image string) ([]string, bool) {
+// order they were first read, as absolute paths inside the image, each
+// with the parts of it read when not all of it: the reads of each layer
+// during the first RecordWindow after it mounted. It reports false when
+// nothing was recorded for image.
+func (m *Manager) Profile(image string) ([]ProfiledFile, bool) {
 	return m.profiles.get(profileKey(image))
 }
 
@@ -111,7 +156,8 @@ type fileSpan struct {
 }
 
 // recordingReader passes chunk reads to the layer's reader and notes, until
-// a deadline, the file each chunk belongs to.
+// a deadline, the file each chunk belongs to and the part of it the chunk
+// holds.
 type recordingReader struct {
 	r     *remoteReader
 	image string
@@ -121,7 +167,7 @@ type recordingReader struct {
 	over  atomic.Bool
 
 	mu   sync.Mutex
-	seen map[int]bool // indexes into files
+	seen map[int64]bool // offsets of the chunks noted
 }
 
 var (
@@ -130,7 +176,7 @@ var (
 )
 
 func newRecordingReader(r *remoteReader, toc *artifact.TOC, image string, rec *profiles, window time.Duration) *recordingReader {
-	rr := &recordingReader{r: r, image: profileKey(image), rec: rec, until: time.Now().Add(window), seen: map[int]bool{}}
+	rr := &recordingReader{r: r, image: profileKey(image), rec: rec, until: time.Now().Add(window), seen: map[int64]bool{}}
 	for _, e := range toc.Entries {
 		if e.Type != artifact.TypeReg || e.Size <= 0 {
 			continue
@@ -146,7 +192,8 @@ func newRecordingReader(r *remoteReader, toc *artifact.TOC, image string, rec *p
 	return rr
 }
 
-// note records the file chunk c holds, if it is the first read of it.
+// note records the file chunk c holds and the part of it, the first time
+// c is read.
 func (rr *recordingReader) note(c artifact.Chunk) {
 	if rr.over.Load() {
 		return
@@ -156,15 +203,17 @@ func (rr *recordingReader) note(c artifact.Chunk) {
 		return
 	}
 	i := sort.Search(len(rr.files), func(i int) bool { return rr.files[i].end > c.Offset })
-	if i == len(rr.files) || rr.files[i].off > c.Offset {
+	if i == len(rr.files) || rr.files[i].off >= c.Offset+c.Size {
 		return // headers between files: no file's data
 	}
 	rr.mu.Lock()
-	first := !rr.seen[i]
-	rr.seen[i] = true
+	first := !rr.seen[c.Offset]
+	rr.seen[c.Offset] = true
 	rr.mu.Unlock()
 	if first {
-		rr.rec.add(rr.image, rr.files[i].path)
+		f := rr.files[i]
+		lo, hi := max(c.Offset, f.off), min(c.Offset+c.Size, f.end)
+		rr.rec.add(rr.image, f.path, f.end-f.off, artifact.Range{Offset: lo - f.off, Size: hi - lo})
 	}
 }
 

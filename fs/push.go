@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -48,12 +49,13 @@ const (
 // pusher pushes a layer's listed files into the page cache, each once,
 // when first opened.
 type pusher struct {
-	listed map[uint64]*atomic.Bool // inode of a listed file -> pushed (or pushing)
+	listed map[uint64]*atomic.Bool     // inode of a listed file -> pushed (or pushing)
+	parts  map[uint64][]artifact.Range // the parts of a listed file its list gives, if not all
 	sem    chan struct{}
 	conn   atomic.Pointer[conn]
 	bytes  atomic.Int64  // bytes written into the page cache
 	total  *atomic.Int64 // Options.PushedBytes, or nil
-	files  atomic.Int64  // files pushed whole
+	files  atomic.Int64  // files pushed (whole or their listed parts)
 }
 
 // newPusher returns the pusher of the files of toc's prefetch list at
@@ -62,19 +64,27 @@ func newPusher(toc *artifact.TOC, nodes []*tnode, total *atomic.Int64) *pusher {
 	if len(toc.Prefetch) == 0 {
 		return nil
 	}
-	names := make(map[string]bool, len(toc.Prefetch))
+	ranges := toc.PrefetchRangeMap()
+	names := make(map[string][]artifact.Range, len(toc.Prefetch))
 	for _, p := range toc.Prefetch {
 		if name, ok := cleanName(p); ok {
-			names[name] = true
+			names[name] = ranges[p]
 		}
 	}
-	p := &pusher{listed: map[uint64]*atomic.Bool{}, sem: make(chan struct{}, pushConcurrency), total: total}
+	p := &pusher{listed: map[uint64]*atomic.Bool{}, parts: map[uint64][]artifact.Range{}, sem: make(chan struct{}, pushConcurrency), total: total}
 	for _, n := range nodes {
 		if n == nil || n.kind != unix.S_IFREG || n.entry == nil || n.entry.Size < pushMin {
 			continue
 		}
-		if name, ok := cleanName(n.entry.Name); ok && names[name] {
+		name, ok := cleanName(n.entry.Name)
+		if !ok {
+			continue
+		}
+		if rs, listed := names[name]; listed {
 			p.listed[n.ino] = new(atomic.Bool)
+			if rs != nil {
+				p.parts[n.ino] = rs
+			}
 		}
 	}
 	if len(p.listed) == 0 {
@@ -100,7 +110,8 @@ func (fs *rawFS) opened(n *tnode) {
 // they stay out of the image's startup profile.
 type noRecord struct{}
 
-// pushFile writes n's bytes into the kernel's page cache, maxIO at a
+// pushFile writes n's bytes (the pieces of them holding the parts its list
+// gives, when it gives parts) into the kernel's page cache, maxIO at a
 // time, from chunks already cached: it never fetches, so it cannot put a
 // large listed file (a JVM's modules image) ahead of the startup's reads.
 // Pieces whose chunks are not cached yet are tried again every pushRetry
@@ -112,9 +123,13 @@ func (fs *rawFS) pushFile(n *tnode) {
 	log := l.log.WithFields(logrus.Fields{"op": "push", "file": n.entry.Name})
 	start := time.Now()
 	var pending []int64
+	parts := l.push.parts[n.ino]
 	for off := int64(0); off < n.entry.Size; off += maxIO {
-		pending = append(pending, off)
+		if parts == nil || slices.ContainsFunc(parts, func(r artifact.Range) bool { return r.Offset < off+maxIO && off < r.End() }) {
+			pending = append(pending, off)
+		}
 	}
+	pieces := len(pending)
 	buf := make([]byte, maxIO)
 	for {
 		later, err := fs.pushPass(n, pending, buf)
@@ -134,7 +149,7 @@ func (fs *rawFS) pushFile(n *tnode) {
 		time.Sleep(pushRetry)
 	}
 	l.push.files.Add(1)
-	log.WithFields(logrus.Fields{"bytes": n.entry.Size, "took": time.Since(start)}).Debug("file pushed into the page cache")
+	log.WithFields(logrus.Fields{"bytes": min(int64(pieces)*maxIO, n.entry.Size), "size": n.entry.Size, "took": time.Since(start)}).Debug("file pushed into the page cache")
 }
 
 // pushPass pushes the pieces of n at offsets pending whose chunks are

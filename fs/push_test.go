@@ -97,6 +97,61 @@ func TestPushListedFiles(t *testing.T) {
 	}
 }
 
+// TestPushListedParts: a listed file whose list gives parts of it has
+// only the 1 MiB pieces holding those parts pushed: they read with no FUSE
+// read, the rest of the file through FUSE, all of it the right bytes.
+func TestPushListedParts(t *testing.T) {
+	const MiB = 1 << 20
+	const size = 8*MiB + 1234
+	data := randomBytes(14, size)
+	l := buildLayer(t, makeTar(t, []tarEntry{dir("lib/", 0o755, 0), reg("lib/modules", 0o644, data, 1)}), testChunkSize)
+	l.toc.Prefetch = []string{"lib/modules"}
+	// Bytes in piece 1, and a range across pieces 5 and 6.
+	l.toc.PrefetchRanges = []artifact.FileRanges{{Name: "lib/modules", Ranges: []artifact.Range{
+		{Offset: MiB + 100, Size: 4096}, {Offset: 6*MiB - 10, Size: 20}}}}
+	if err := l.toc.Validate(artifact.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	r := &countingReader{memReader: memReader{blob: l.blob}}
+	mnt, m := mountLayer(t, l.toc, r, fs.Options{Push: true})
+	p := filepath.Join(mnt, "lib/modules")
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for m.Stats().PushedFiles < 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("lib/modules not pushed within 20 s: %+v", m.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := m.Stats().PushedBytes; got != 3*MiB {
+		t.Errorf("pushed %d bytes, want the 3 pieces of 1 MiB holding the listed parts", got)
+	}
+	readAt := func(off, n int64) int64 {
+		t.Helper()
+		before := m.Stats().Reads
+		buf := make([]byte, n)
+		if _, err := f.ReadAt(buf, off); err != nil && err != io.EOF {
+			t.Fatalf("read %d+%d: %v", off, n, err)
+		}
+		if !bytes.Equal(buf, data[off:off+n]) {
+			t.Fatalf("read %d+%d: wrong bytes", off, n)
+		}
+		return m.Stats().Reads - before
+	}
+	for _, piece := range []int64{1, 5, 6} {
+		if n := readAt(piece*MiB, MiB); n != 0 {
+			t.Errorf("pushed piece %d took %d FUSE reads, want 0", piece, n)
+		}
+	}
+	if n := readAt(3*MiB, 4096); n == 0 {
+		t.Errorf("a piece outside the listed parts was served without a FUSE read: it was pushed")
+	}
+}
+
 // touchMapping maps f and copies it out page by page, as a program's page
 // faults would read it.
 func touchMapping(t *testing.T, f *os.File, size int) []byte {

@@ -5,15 +5,19 @@ import (
 	"net/http"
 
 	"github.com/containerd/log"
+
+	"github.com/streamer-dev/streamer/artifact"
 )
 
 // ProfileResponse is the body of GET /profile?image=REF: the files the
 // image's containers read first on this node, in first-read order, as
-// absolute paths inside the image (a startup profile for
-// `streamer create --prefetch-list`).
+// absolute paths inside the image, and for each file of which they read
+// only parts, those byte ranges ([offset, size] pairs): a startup profile
+// for `streamer create --prefetch-list`.
 type ProfileResponse struct {
-	Image string   `json:"image"`
-	Files []string `json:"files"`
+	Image  string                      `json:"image"`
+	Files  []string                    `json:"files"`
+	Ranges map[string][]artifact.Range `json:"ranges,omitempty"`
 }
 
 // profileEndpoint serves GET /profile?image=REF from the manager the status
@@ -56,7 +60,17 @@ func (profileEndpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "no startup profile recorded for image "+image+" (not run on this node since the daemon started, or fetch.record_window is 0)", http.StatusNotFound)
 			return
 		}
-		body = ProfileResponse{Image: image, Files: files}
+		resp := ProfileResponse{Image: image, Files: make([]string, 0, len(files))}
+		for _, f := range files {
+			resp.Files = append(resp.Files, f.Path)
+			if f.Ranges != nil {
+				if resp.Ranges == nil {
+					resp.Ranges = map[string][]artifact.Range{}
+				}
+				resp.Ranges[f.Path] = f.Ranges
+			}
+		}
+		body = resp
 	}
 	w.Header().Set("Content-Type", "application/json")
 	enc := json.NewEncoder(w)

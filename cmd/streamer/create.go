@@ -78,7 +78,7 @@ operation's progress until it ends.`,
 	fl.StringVar(&f.image, "image", "", "the `IMAGE` to convert (instead of the argument)")
 	fl.BoolVar(&f.noWait, "no-wait", false, "with a service: print the operation id and return without following it")
 	f.server.add(fl)
-	fl.StringVar(&f.prefetchList, "prefetch-list", "", "startup profile `FILE`: one path per line (# comments), files read at startup in order; an existing artifact with other lists gets a new revision")
+	fl.StringVar(&f.prefetchList, "prefetch-list", "", "startup profile `FILE`: one path per line (# comments), files read at startup in order, each optionally followed by a tab and the byte ranges read (OFFSET+SIZE,...); an existing artifact with other lists gets a new revision")
 	fl.BoolVar(&f.prefetchIgnoreMissing, "prefetch-ignore-missing", false, "ignore --prefetch-list paths the image does not have instead of failing")
 	return cmd
 }

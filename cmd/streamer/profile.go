@@ -16,13 +16,24 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/streamer-dev/streamer/artifact"
 	"github.com/streamer-dev/streamer/converter"
 )
 
 // startupProfile is the body of streamer-snapshotter's GET /profile?image=REF.
 type startupProfile struct {
-	Image string   `json:"image"`
-	Files []string `json:"files"`
+	Image  string                      `json:"image"`
+	Files  []string                    `json:"files"`
+	Ranges map[string][]artifact.Range `json:"ranges,omitempty"`
+}
+
+// list is the profile as a prefetch list.
+func (p *startupProfile) list() []converter.PrefetchFile {
+	out := make([]converter.PrefetchFile, 0, len(p.Files))
+	for _, f := range p.Files {
+		out = append(out, converter.PrefetchFile{Path: f, Ranges: p.Ranges[f]})
+	}
+	return out
 }
 
 // errNoProfile: the snapshotter has recorded nothing for the image.
@@ -40,7 +51,10 @@ func newProfileCmd() *cobra.Command {
 		Long: `profile asks a streamer-snapshotter (GET /profile on its metrics_address) for
 the files the containers of IMAGE read first on that node, during the first
 fetch.record_window after each of its layers mounted, in first-read order. It
-prints one absolute path per line, the format create --prefetch-list reads:
+prints one absolute path per line, followed, for a file of which the startup
+read only parts, by a tab and those byte ranges (OFFSET+SIZE, comma-separated,
+whole chunks): the format create --prefetch-list reads, which prefetches only
+those parts of the file first and leaves the rest to the background fetch:
 
   streamer profile --address /run/streamer-snapshotter/metrics.sock --image IMAGE > list.txt
   streamer create --prefetch-list list.txt IMAGE`,
@@ -63,7 +77,7 @@ prints one absolute path per line, the format create --prefetch-list reads:
 				enc.SetIndent("", "  ")
 				return enc.Encode(p)
 			}
-			for _, f := range p.Files {
+			for _, f := range p.list() {
 				fmt.Fprintln(cmd.OutOrStdout(), f)
 			}
 			return nil
@@ -134,7 +148,7 @@ func fetchProfile(ctx context.Context, address, image string) (*startupProfile, 
 }
 
 // readPrefetchList reads a --prefetch-list file; "" means none (nil).
-func readPrefetchList(path string) ([]string, error) {
+func readPrefetchList(path string) ([]converter.PrefetchFile, error) {
 	if path == "" {
 		return nil, nil
 	}
@@ -151,11 +165,11 @@ func readPrefetchList(path string) ([]string, error) {
 }
 
 // writePrefetchList writes list as a --prefetch-list file.
-func writePrefetchList(path string, image string, list []string) error {
+func writePrefetchList(path string, image string, list []converter.PrefetchFile) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# startup profile of %s, recorded %s\n", image, time.Now().UTC().Format(time.RFC3339))
-	for _, p := range list {
-		b.WriteString(p + "\n")
+	for _, f := range list {
+		b.WriteString(f.String() + "\n")
 	}
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 		return fmt.Errorf("write prefetch list: %w", err)

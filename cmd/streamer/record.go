@@ -205,11 +205,11 @@ func runRecord(cmd *cobra.Command, g *globalFlags, o *recordOptions, image strin
 	}
 	fmt.Fprintf(stderr, "recorded %d files read by %s until ready (%s)\n", len(p.Files), image, time.Since(start).Round(time.Millisecond))
 	if o.out != "" {
-		if err := writePrefetchList(o.out, image, p.Files); err != nil {
+		if err := writePrefetchList(o.out, image, p.list()); err != nil {
 			return err
 		}
 	}
-	results, err := converter.Convert(ctx, reg, ref, converter.Options{PrefetchList: p.Files, PrefetchIgnoreMissing: o.ignoreMissing})
+	results, err := converter.Convert(ctx, reg, ref, converter.Options{PrefetchList: p.list(), PrefetchIgnoreMissing: o.ignoreMissing})
 	for _, r := range results {
 		state := "unchanged"
 		switch {

@@ -217,6 +217,28 @@ func (rr *recordingReader) note(c artifact.Chunk) {
 	}
 }
 
+var _ pushNoter = (*recordingReader)(nil)
+
+// pushing notes a listed file a process opened and the filesystem pushes
+// into the page cache, with the parts pushed: the reads of those parts
+// never reach the reader, so the profile takes them as read (an image
+// recorded again with its list keeps the parts the kernel served).
+func (rr *recordingReader) pushing(e *artifact.Entry, parts []artifact.Range) {
+	if rr.over.Load() || time.Now().After(rr.until) || e.Size <= 0 {
+		return
+	}
+	name, ok := cleanName(e.Name)
+	if !ok || name == "" {
+		return
+	}
+	if parts == nil {
+		parts = []artifact.Range{{Offset: 0, Size: e.Size}}
+	}
+	for _, r := range parts {
+		rr.rec.add(rr.image, "/"+name, e.Size, r)
+	}
+}
+
 // ReadChunk notes the chunk's file and reads it.
 func (rr *recordingReader) ReadChunk(ctx context.Context, c artifact.Chunk) ([]byte, error) {
 	if ctx.Value(noRecord{}) == nil {

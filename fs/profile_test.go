@@ -94,7 +94,7 @@ func profilePaths(fs []fs.ProfiledFile) []string {
 // offsets, not as the whole file.
 func TestManagerRecordsReadRanges(t *testing.T) {
 	e := newManagerEnv(t)
-	const size = 32 * testChunkSize
+	const size = 96 * testChunkSize // 6 MiB: the kernel reads ahead up to 1 MiB of each read
 	big := randomBytes(80, size)
 	entries := []tarEntry{dir("lib/", 0o755, 1), reg("lib/modules", 0o644, big, 2), reg("lib/small", 0o644, randomBytes(81, 1000), 2)}
 	img := pushStreamedImage(t, e.client, e.proxy.Host, "test/ranges", makeTar(t, entries), true)
@@ -103,7 +103,7 @@ func TestManagerRecordsReadRanges(t *testing.T) {
 		o.RecordWindow = time.Minute
 	})
 	mnt := managerMount(t, m, img.labels())
-	reads := []int64{3 * testChunkSize, 20*testChunkSize + 100}
+	reads := []int64{3 * testChunkSize, 60*testChunkSize + 100}
 	withTimeout(t, 30*time.Second, "pread lib/modules", func() error {
 		f, err := os.Open(filepath.Join(mnt, "lib/modules"))
 		if err != nil {

@@ -103,7 +103,19 @@ func (fs *rawFS) opened(n *tnode) {
 	if !ok || !done.CompareAndSwap(false, true) {
 		return
 	}
+	if pn, ok := fs.layer.reader.(pushNoter); ok {
+		pn.pushing(n.entry, p.parts[n.ino])
+	}
 	go fs.pushFile(n)
+}
+
+// pushNoter is a ChunkReader that is told of the files pushed into the
+// page cache: the kernel serves their pushed parts without asking the
+// filesystem, so a startup profile would not see those reads.
+type pushNoter interface {
+	// pushing says the parts of e (nil: all of it) are being pushed
+	// because a process opened e.
+	pushing(e *artifact.Entry, parts []artifact.Range)
 }
 
 // noRecord marks reads that are not the workload's own (pushes), so that

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -225,5 +226,46 @@ func TestPushWaitsForPrefetch(t *testing.T) {
 	}
 	if got, err := io.ReadAll(f); err != nil || !bytes.Equal(got, want["app/lib.so"]) {
 		t.Errorf("read lib.so after the push: %v (equal %v)", err, bytes.Equal(got, want["app/lib.so"]))
+	}
+}
+
+// TestProfileKeepsPushedParts: the parts of a listed file pushed into the
+// page cache are read by the kernel without a FUSE read; the startup
+// profile of a start that opened the file still lists those parts, so an
+// image recorded again with its list keeps them.
+func TestProfileKeepsPushedParts(t *testing.T) {
+	const MiB = 1 << 20
+	e := newManagerEnv(t)
+	want := files{"app/modules": randomBytes(23, 6*MiB), "app/unopened": randomBytes(24, 2*MiB)}
+	parts := []artifact.Range{{Offset: 2 * MiB, Size: MiB}}
+	img := pushStreamedImageTOC(t, e.client, e.proxy.Host, "test/pushprofile", want.tar(t), true, func(toc *artifact.TOC) {
+		toc.Prefetch = []string{"app/modules", "app/unopened"}
+		toc.PrefetchRanges = []artifact.FileRanges{{Name: "app/modules", Ranges: parts}}
+	})
+	m := e.managerWith(t, nil, func(o *fs.ManagerOptions) {
+		o.Background = false
+		o.PageCachePush = true
+		o.RecordWindow = time.Minute
+	})
+	dir := managerMount(t, m, img.labels())
+	f, err := os.Open(filepath.Join(dir, "app/modules"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for m.Stats().PushedBytes < MiB {
+		if time.Now().After(deadline) {
+			t.Fatalf("the listed part not pushed within 20 s: stats %+v", m.Stats())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	buf := make([]byte, MiB)
+	if _, err := f.ReadAt(buf, 2*MiB); err != nil || !bytes.Equal(buf, want["app/modules"][2*MiB:3*MiB]) {
+		t.Fatalf("read the pushed part: %v", err)
+	}
+	got, ok := m.Profile(img.ref)
+	if !ok || len(got) != 1 || got[0].Path != "/app/modules" || !slices.Equal(got[0].Ranges, parts) {
+		t.Fatalf("profile %+v (found %v), want /app/modules with the pushed part %v only", got, ok, parts)
 	}
 }

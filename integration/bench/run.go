@@ -1286,12 +1286,16 @@ func (b *bench) probe(ctx context.Context) error {
 					b.cfg.logf("warning: no startup profile of %s: %v", im.recipe.Name, err)
 				} else {
 					im.prefetch = nil
+					parts := 0
 					for _, l := range strings.Split(out, "\n") {
 						if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
 							im.prefetch = append(im.prefetch, l)
+							if strings.Contains(l, "\t") {
+								parts++ // a file read in part: PATH<tab>RANGES
+							}
 						}
 					}
-					msg = fmt.Sprintf(", %d files read at startup (prefetch list)", len(im.prefetch))
+					msg = fmt.Sprintf(", %d files read at startup (prefetch list), %d of them in part", len(im.prefetch), parts)
 				}
 			}
 			b.cfg.logf("[%s | startup probe, background fetch off] ready %s, %s read on demand%s",

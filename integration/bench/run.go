@@ -58,6 +58,10 @@ type Config struct {
 	// is recorded as not complete. 0 does not wait (complete is not
 	// measured for Streamer).
 	CompleteTimeout time.Duration
+	// WholeFiles drops the byte ranges of the recorded prefetch lists:
+	// every listed file is prefetched (and pushed) whole, as lists were
+	// before they carried ranges.
+	WholeFiles bool
 	// PerfDir, when set, records the whole machine with `perf record -a
 	// -g` from each run's start to the end of its first requests, into a
 	// file per run there: what ran beside the pods. perf starts before the
@@ -1289,13 +1293,20 @@ func (b *bench) probe(ctx context.Context) error {
 					parts := 0
 					for _, l := range strings.Split(out, "\n") {
 						if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
-							im.prefetch = append(im.prefetch, l)
-							if strings.Contains(l, "\t") {
-								parts++ // a file read in part: PATH<tab>RANGES
+							path, _, inPart := strings.Cut(l, "\t") // PATH<tab>RANGES: read in part
+							if inPart {
+								parts++
 							}
+							if b.cfg.WholeFiles {
+								l = path
+							}
+							im.prefetch = append(im.prefetch, l)
 						}
 					}
 					msg = fmt.Sprintf(", %d files read at startup (prefetch list), %d of them in part", len(im.prefetch), parts)
+					if b.cfg.WholeFiles {
+						msg += " (listed whole: -whole-files)"
+					}
 				}
 			}
 			b.cfg.logf("[%s | startup probe, background fetch off] ready %s, %s read on demand%s",

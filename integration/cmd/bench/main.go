@@ -52,6 +52,7 @@ func run(r *harness.Runner) error {
 		buildOnly     = flag.Bool("build-only", false, "build (or find cached) the images and exit")
 		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
 		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) from each run's start to the end of its first requests, one file per run in this directory; the run's line gives the requests' window in perf's clock: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
+		wholeFiles    = flag.Bool("whole-files", false, "prefetch lists name whole files, without the byte ranges the startup read (as lists were before they carried ranges)")
 		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
 	flag.Parse()
@@ -146,7 +147,7 @@ func run(r *harness.Runner) error {
 	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
 		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
-		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir,
+		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir, WholeFiles: *wholeFiles,
 		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {

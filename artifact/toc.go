@@ -193,11 +193,16 @@ func (t *TOC) ChunkRange(off, n int64) (first, last int) {
 // DecodeChunk decompresses one chunk's frame and verifies the result
 // against the chunk's digest. It never returns unverified bytes.
 func DecodeChunk(c Chunk, frame []byte) ([]byte, error) {
+	return DecodeChunkTo(c, frame, make([]byte, 0, c.Size))
+}
+
+// DecodeChunkTo is DecodeChunk decompressing into dst[:0] (grown when its
+// capacity is short of c.Size): a caller that recycles buffers passes one.
+func DecodeChunkTo(c Chunk, frame, dst []byte) ([]byte, error) {
 	if int64(len(frame)) != c.CompressedSize {
 		return nil, fmt.Errorf("chunk at %d: got %d compressed bytes, want %d", c.Offset, len(frame), c.CompressedSize)
 	}
-	out := make([]byte, 0, c.Size)
-	out, err := chunkDecoder.DecodeAll(frame, out)
+	out, err := chunkDecoder.DecodeAll(frame, dst[:0])
 	if err != nil {
 		return nil, fmt.Errorf("decompress chunk at %d: %w", c.Offset, err)
 	}

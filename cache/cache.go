@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -326,7 +327,20 @@ func (s *Store) GetCold(d digest.Digest) ([]byte, bool) { return s.get(d, false,
 // completion check, which checks the whole tar against its diffID).
 func (s *Store) GetColdUnchecked(d digest.Digest) ([]byte, bool) { return s.get(d, false, false) }
 
+// ReadColdUnchecked is GetColdUnchecked reading a chunk from disk into buf
+// (grown when short) instead of a new slice, for a pass over a whole
+// layer that keeps no chunk: the bytes returned are buf's, or the memory
+// tier's own (not to be written to), until the next call.
+func (s *Store) ReadColdUnchecked(d digest.Digest, buf []byte) ([]byte, bool) {
+	return s.getInto(d, false, false, buf)
+}
+
 func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
+	return s.getInto(d, promote, check, nil)
+}
+
+// getInto reads chunk d, from disk into buf when it is not nil.
+func (s *Store) getInto(d digest.Digest, promote, check bool, buf []byte) ([]byte, bool) {
 	if d.Validate() != nil {
 		s.misses.Add(1)
 		return nil, false
@@ -356,9 +370,12 @@ func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
 	p := e.file(s)
 	var b []byte
 	var err error
-	if e.pack != nil {
-		b, err = readPacked(e)
-	} else {
+	switch {
+	case e.pack != nil:
+		b, err = readPacked(e, buf)
+	case buf != nil:
+		b, err = readFileInto(p, buf)
+	default:
 		b, err = os.ReadFile(p)
 	}
 	if err != nil || (check && !verify(d, b)) {
@@ -400,6 +417,27 @@ func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
 	s.mu.Unlock()
 	s.diskHits.Add(1)
 	return b, true
+}
+
+// readFileInto reads the file at p into buf, grown when short.
+func readFileInto(p string, buf []byte) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if int64(cap(buf)) < st.Size() {
+		buf = make([]byte, st.Size())
+	}
+	b := buf[:st.Size()]
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("read %s: %w", p, err)
+	}
+	return b, nil
 }
 
 // Has reports whether chunk d is stored, without reading or verifying it.
@@ -447,6 +485,8 @@ func (s *Store) PutVerified(d digest.Digest, b []byte, cold bool) error {
 // with bytes bs[i]: the chunks of at most PackMaxChunk bytes not on disk
 // yet are written together into one pack file, the others a file each.
 // Every d must be valid and the caller must have hashed bs[i] to ds[i].
+// It keeps no reference to bs (the memory tier takes copies): the caller
+// may reuse the buffers once it returns.
 func (s *Store) PutVerifiedRun(ds []digest.Digest, bs [][]byte, cold bool) error {
 	if len(ds) != len(bs) {
 		return fmt.Errorf("cache put run: %d digests for %d chunks", len(ds), len(bs))

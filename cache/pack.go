@@ -143,14 +143,18 @@ func (s *Store) writePack(ds []digest.Digest, bs [][]byte) (string, []packEntry,
 	return p, ents, nil
 }
 
-// readPacked reads the bytes of one chunk of a pack.
-func readPacked(e *diskEntry) ([]byte, error) {
+// readPacked reads the bytes of one chunk of a pack, into buf when its
+// capacity holds them (a new slice otherwise).
+func readPacked(e *diskEntry, buf []byte) ([]byte, error) {
 	f, err := os.Open(e.pack.path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	b := make([]byte, e.size)
+	if int64(cap(buf)) < int64(e.size) {
+		buf = make([]byte, e.size)
+	}
+	b := buf[:e.size]
 	if _, err := f.ReadAt(b, e.off); err != nil {
 		return nil, fmt.Errorf("read chunk at %d of pack %s: %w", e.off, e.pack.path, err)
 	}

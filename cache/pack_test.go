@@ -426,3 +426,41 @@ func BenchmarkPutRun(b *testing.B) {
 		})
 	}
 }
+
+// TestPutRunKeepsNoBuffer: the caller of PutVerifiedRun reuses its
+// buffers once it returns (fs recycles the buffers background runs are
+// decoded into): what is stored, in memory and on disk, does not change
+// when they are overwritten.
+func TestPutRunKeepsNoBuffer(t *testing.T) {
+	s := openStore(t, Options{Dir: t.TempDir()})
+	ds, bs := run("reuse", 8)
+	big, bigD := chunk("reuse-big", PackMaxChunk+1)
+	ds, bs = append(ds, bigD), append(bs, big)
+	want := make([][]byte, len(bs))
+	for i, b := range bs {
+		want[i] = bytes.Clone(b)
+	}
+	mustRun(t, s, ds, bs, false) // warm: the memory tier too
+	for _, b := range bs {
+		clear(b)
+	}
+	for i, d := range ds {
+		got, ok := s.Get(d)
+		if !ok || !bytes.Equal(got, want[i]) {
+			t.Fatalf("chunk %d changed when the caller reused its buffer (found %v)", i, ok)
+		}
+	}
+	// From disk (no memory tier), packed or not, into one buffer.
+	d2 := openStore(t, Options{Dir: t.TempDir(), MemoryBytes: -1})
+	mustRun(t, d2, ds, want, true)
+	buf := make([]byte, PackMaxChunk+1)
+	for i, d := range ds {
+		got, ok := d2.ReadColdUnchecked(d, buf)
+		if !ok || !bytes.Equal(got, want[i]) {
+			t.Fatalf("chunk %d read from disk into a buffer: wrong bytes (found %v)", i, ok)
+		}
+		if &got[0] != &buf[0] {
+			t.Errorf("chunk %d read into a new slice, not the buffer given", i)
+		}
+	}
+}

@@ -397,7 +397,7 @@ func (p *hostPool) fetch(ctx context.Context, t *task) error {
 		if err := p.s.waitRate(ctx, n); err != nil {
 			return err
 		}
-		if _, err := j.reader.fetchAndStore(rctx, chunks, t.why); err != nil {
+		if _, err := j.reader.fetchAndStore(rctx, chunks, t.why, false); err != nil {
 			return err
 		}
 	}

@@ -116,6 +116,11 @@ func (st *layerState) verify(ctx context.Context) error {
 	}
 	h := want.Algorithm().Digester()
 	var pos int64
+	// One buffer for every chunk read from disk: the check keeps none,
+	// and a new slice per chunk would make the daemon's garbage collector
+	// run (on any CPU, at the daemon's priority) once per few hundred MiB
+	// checked.
+	var buf []byte
 	for i, c := range st.toc.Chunks {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("verify layer %s: %w", st.layer, err)
@@ -128,7 +133,10 @@ func (st *layerState) verify(ctx context.Context) error {
 		}
 		// Not checked chunk by chunk here: the tar's digest covers every
 		// byte, and a mismatch looks at the chunks again below.
-		b, ok := st.m.opts.Cache.GetColdUnchecked(c.Digest)
+		if int64(cap(buf)) < c.Size {
+			buf = make([]byte, c.Size)
+		}
+		b, ok := st.m.opts.Cache.ReadColdUnchecked(c.Digest, buf)
 		if !ok {
 			return errChunksMissing
 		}

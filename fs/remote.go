@@ -125,7 +125,7 @@ func (r *remoteReader) ReadChunks(ctx context.Context, cs []artifact.Chunk) ([][
 		for k, j := range run {
 			chunks[k] = cs[j]
 		}
-		bs, err := r.fetchAndStore(ctx, chunks, causeOnDemand)
+		bs, err := r.fetchAndStore(ctx, chunks, causeOnDemand, true)
 		if err != nil {
 			return nil, err
 		}
@@ -166,9 +166,18 @@ func framesBetween(cs []artifact.Chunk, i, j int) bool {
 	return true
 }
 
+// storeStep is how many bytes of a background run are written to the
+// cache between two looks at the pods (one pack of small chunks, or a
+// large chunk's file).
+const storeStep = 1 << 20
+
 // fetchAndStore fetches back-to-back chunks with one request and puts
-// them in the cache.
-func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, why cause) ([][]byte, error) {
+// them in the cache. Without keep, it returns no chunk: they are decoded
+// into recycled buffers, given back once stored (background and prefetch
+// runs: a new slice per chunk would make the garbage collector run, on
+// any CPU and at the daemon's priority, once per few hundred MiB
+// fetched).
+func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, why cause, keep bool) ([][]byte, error) {
 	b, err := r.readRun(ctx, cs, why)
 	if err != nil {
 		return nil, err
@@ -186,30 +195,53 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 		}
 		defer release()
 	}
-	bs, err := r.decodeRun(ctx, cs, b, why)
+	bs, err := r.decodeRun(ctx, cs, b, why, !keep)
 	if err != nil {
 		return nil, err
 	}
+	if !keep {
+		defer func() {
+			for _, b := range bs {
+				putChunkBuf(b)
+			}
+		}()
+	}
 	// Background chunks are not read now: they go to disk only, so that
 	// the memory cache keeps what is read. decodeRun checked every chunk
-	// against its digest. The run's small chunks go into one pack file:
-	// a file each cost the filesystem more than their bytes.
+	// against its digest. Small chunks go into pack files: a file each
+	// cost the filesystem more than their bytes. A background run is
+	// stored storeStep bytes at a time, pausing for busy pods before each:
+	// the kernel copying a run of large chunks into the page cache is tens
+	// of milliseconds of CPU that nothing can interrupt.
 	cold := why == causeBackground
-	if cold {
-		podPause(ctx)
-	}
 	ds := make([]digest.Digest, len(cs))
 	for i, c := range cs {
 		ds[i] = c.Digest
 	}
-	if err := r.cache.PutVerifiedRun(ds, bs, cold); err != nil {
-		// The bytes are verified: they are served even when the disk
-		// refuses them (a full disk only stops caching).
-		msg := "cache chunks"
-		if errors.Is(err, syscall.ENOSPC) {
-			msg = "cache disk full: chunks served from the network, not cached"
+	for start := 0; start < len(cs); {
+		end := len(cs)
+		if cold {
+			podPause(ctx)
+			var n int64
+			for end = start; end < len(cs) && (end == start || n+int64(len(bs[end])) <= storeStep); end++ {
+				n += int64(len(bs[end]))
+			}
 		}
-		r.log.WithError(err).WithFields(logrus.Fields{"chunk": cs[0].Digest, "chunks": len(cs), "op": "cache-put"}).Warn(msg)
+		// PutVerifiedRun keeps no slice of bs (the memory tier takes
+		// copies).
+		if err := r.cache.PutVerifiedRun(ds[start:end], bs[start:end], cold); err != nil {
+			// The bytes are verified: they are served even when the
+			// disk refuses them (a full disk only stops caching).
+			msg := "cache chunks"
+			if errors.Is(err, syscall.ENOSPC) {
+				msg = "cache disk full: chunks served from the network, not cached"
+			}
+			r.log.WithError(err).WithFields(logrus.Fields{"chunk": cs[start].Digest, "chunks": end - start, "op": "cache-put"}).Warn(msg)
+		}
+		start = end
+	}
+	if !keep {
+		return nil, nil
 	}
 	return bs, nil
 }
@@ -222,7 +254,7 @@ func (r *remoteReader) fetchRun(ctx context.Context, cs []artifact.Chunk, why ca
 	if err != nil {
 		return nil, err
 	}
-	return r.decodeRun(ctx, cs, b, why)
+	return r.decodeRun(ctx, cs, b, why, false)
 }
 
 // readRun reads the frames of back-to-back chunks with one range request.
@@ -260,8 +292,9 @@ func (r *remoteReader) readRun(ctx context.Context, cs []artifact.Chunk, why cau
 }
 
 // decodeRun decompresses the frames b of chunks cs (read by readRun) and
-// checks each against its digest.
-func (r *remoteReader) decodeRun(ctx context.Context, cs []artifact.Chunk, b []byte, why cause) ([][]byte, error) {
+// checks each against its digest, into buffers of chunkBufs when pooled
+// (the caller gives them back).
+func (r *remoteReader) decodeRun(ctx context.Context, cs []artifact.Chunk, b []byte, why cause, pooled bool) ([][]byte, error) {
 	off := cs[0].CompressedOffset
 	out := make([][]byte, len(cs))
 	for i, c := range cs {
@@ -269,8 +302,20 @@ func (r *remoteReader) decodeRun(ctx context.Context, cs []artifact.Chunk, b []b
 			podPause(ctx)
 		}
 		lo := c.CompressedOffset - off
-		data, err := artifact.DecodeChunk(c, b[lo:lo+c.CompressedSize])
+		var dst []byte
+		if pooled {
+			dst = getChunkBuf(c.Size)
+		} else {
+			dst = make([]byte, 0, c.Size)
+		}
+		data, err := artifact.DecodeChunkTo(c, b[lo:lo+c.CompressedSize], dst)
 		if err != nil {
+			if pooled {
+				putChunkBuf(dst)
+				for _, d := range out[:i] {
+					putChunkBuf(d)
+				}
+			}
 			// Bytes that do not decompress or do not match the digest
 			// are equally untrusted.
 			r.stats.badChunks.Add(1)

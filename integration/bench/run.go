@@ -58,6 +58,13 @@ type Config struct {
 	// is recorded as not complete. 0 does not wait (complete is not
 	// measured for Streamer).
 	CompleteTimeout time.Duration
+	// RegistryNice, when above 0, runs the registry and the delay proxy
+	// at that nice value: they share the bench machine's CPUs with the
+	// node, where a real registry is elsewhere, and while a Streamer run's
+	// background fetch goes on they take CPU from the pods' first
+	// requests. It slows a full pull's download too when the CPUs are
+	// busy, so runs with it compare only with each other.
+	RegistryNice int
 	// WholeFiles drops the byte ranges of the recorded prefetch lists:
 	// every listed file is prefetched (and pushed) whole, as lists were
 	// before they carried ranges.
@@ -182,6 +189,9 @@ func RunBenchmark(ctx context.Context, r *harness.Runner, cfg Config) (*Report, 
 	}
 	cfg.logf("%s", note)
 	b.report.Notes = append(b.report.Notes, note)
+	if cfg.RegistryNice > 0 {
+		b.report.Notes = append(b.report.Notes, fmt.Sprintf("The registry and the delay proxy ran at nice %d (-registry-nice): these figures compare only with runs made the same way.", cfg.RegistryNice))
+	}
 	if err := b.probe(ctx); err != nil {
 		return b.report, err
 	}
@@ -239,7 +249,7 @@ func (b *bench) startRegistry(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("docker-registry: %w (make deps)", err)
 	}
-	argv := b.link.Exec(reg, "serve", cfgPath)
+	argv := b.link.Exec(b.niced(reg, "serve", cfgPath)...)
 	rp, err := harness.StartProcess(argv[0], filepath.Join(b.dir, "registry.log"), argv[1:]...)
 	if err != nil {
 		return err
@@ -254,8 +264,8 @@ func (b *bench) startRegistry(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("%w\nregistry log:\n%s", err, rp.LogTail(20))
 	}
-	argv = b.link.Exec(append(append([]string{}, b.cfg.DelayProxy...),
-		"-listen", b.host, "-upstream", b.regHost, "-delay", (b.cfg.Profile.RTT / 2).String())...)
+	argv = b.link.Exec(b.niced(append(append([]string{}, b.cfg.DelayProxy...),
+		"-listen", b.host, "-upstream", b.regHost, "-delay", (b.cfg.Profile.RTT / 2).String())...)...)
 	dp, err := harness.StartProcess(argv[0], filepath.Join(b.dir, "delay.log"), argv[1:]...)
 	if err != nil {
 		return err
@@ -266,6 +276,14 @@ func (b *bench) startRegistry(ctx context.Context) error {
 		_, err := httpStatus(ctx, "http://"+b.host+"/v2/")
 		return err
 	})
+}
+
+// niced prefixes argv with nice -n Config.RegistryNice when it is set.
+func (b *bench) niced(argv ...string) []string {
+	if b.cfg.RegistryNice <= 0 {
+		return argv
+	}
+	return append([]string{"nice", "-n", strconv.Itoa(b.cfg.RegistryNice)}, argv...)
 }
 
 func httpStatus(ctx context.Context, u string) (int, error) {

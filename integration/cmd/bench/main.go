@@ -52,6 +52,7 @@ func run(r *harness.Runner) error {
 		buildOnly     = flag.Bool("build-only", false, "build (or find cached) the images and exit")
 		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
 		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) from each run's start to the end of its first requests, one file per run in this directory; the run's line gives the requests' window in perf's clock: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
+		registryNice  = flag.Int("registry-nice", 0, "run the registry and the delay proxy at this nice value (1-19): on the bench machine they share the node's CPUs, where a real registry is elsewhere; runs with it compare only with each other")
 		wholeFiles    = flag.Bool("whole-files", false, "prefetch lists name whole files, without the byte ranges the startup read (as lists were before they carried ranges)")
 		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
@@ -147,7 +148,7 @@ func run(r *harness.Runner) error {
 	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
 		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
-		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir, WholeFiles: *wholeFiles,
+		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir, WholeFiles: *wholeFiles, RegistryNice: *registryNice,
 		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {

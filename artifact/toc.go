@@ -88,41 +88,13 @@ func decodeTOCJSON(dec *json.Decoder, lim Limits, t *TOC) error {
 		case "chunkSize":
 			err = dec.Decode(&t.ChunkSize)
 		case "entries":
-			err = decodeArray(dec, key, lim.MaxEntries, func() error {
-				var e Entry
-				if err := dec.Decode(&e); err != nil {
-					return err
-				}
-				t.Entries = append(t.Entries, e)
-				return nil
-			})
+			err = decodeArray(dec, key, lim.MaxEntries, &t.Entries)
 		case "chunks":
-			err = decodeArray(dec, key, lim.MaxChunks, func() error {
-				var c Chunk
-				if err := dec.Decode(&c); err != nil {
-					return err
-				}
-				t.Chunks = append(t.Chunks, c)
-				return nil
-			})
+			err = decodeArray(dec, key, lim.MaxChunks, &t.Chunks)
 		case "prefetch":
-			err = decodeArray(dec, key, lim.MaxEntries, func() error {
-				var s string
-				if err := dec.Decode(&s); err != nil {
-					return err
-				}
-				t.Prefetch = append(t.Prefetch, s)
-				return nil
-			})
+			err = decodeArray(dec, key, lim.MaxEntries, &t.Prefetch)
 		case "prefetchRanges":
-			err = decodeArray(dec, key, lim.MaxEntries, func() error {
-				var fr FileRanges
-				if err := dec.Decode(&fr); err != nil {
-					return err
-				}
-				t.PrefetchRanges = append(t.PrefetchRanges, fr)
-				return nil
-			})
+			err = decodeArray(dec, key, lim.MaxEntries, &t.PrefetchRanges)
 		default:
 			return fmt.Errorf("unknown field %q", short(key))
 		}
@@ -150,9 +122,9 @@ func expectDelim(dec *json.Decoder, want json.Delim) error {
 	return nil
 }
 
-// decodeArray decodes a JSON array (or null) calling elem per element and
-// failing as soon as it holds more than max elements.
-func decodeArray(dec *json.Decoder, what string, max int, elem func() error) error {
+// decodeArray decodes a JSON array (or null) element by element onto
+// *dst, failing as soon as it holds more than max elements.
+func decodeArray[T any](dec *json.Decoder, what string, max int, dst *[]T) error {
 	tok, err := dec.Token()
 	if err != nil {
 		return err
@@ -167,9 +139,11 @@ func decodeArray(dec *json.Decoder, what string, max int, elem func() error) err
 		if n >= max {
 			return fmt.Errorf("more than %d %s", max, what)
 		}
-		if err := elem(); err != nil {
+		var v T
+		if err := dec.Decode(&v); err != nil {
 			return fmt.Errorf("element %d: %w", n, err)
 		}
+		*dst = append(*dst, v)
 	}
 	return expectDelim(dec, ']')
 }

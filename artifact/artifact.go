@@ -4,9 +4,11 @@
 package artifact
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -140,6 +142,22 @@ type Range struct {
 
 // End is the offset just past r.
 func (r Range) End() int64 { return r.Offset + r.Size }
+
+// MergeRanges sorts rs by offset and merges the ranges that overlap or
+// touch, in place; the result is sorted and disjoint, as a TOC's
+// prefetch ranges must be.
+func MergeRanges(rs []Range) []Range {
+	slices.SortFunc(rs, func(a, b Range) int { return cmp.Compare(a.Offset, b.Offset) })
+	out := rs[:0]
+	for _, r := range rs {
+		if n := len(out); n > 0 && r.Offset <= out[n-1].End() {
+			out[n-1].Size = max(out[n-1].End(), r.End()) - out[n-1].Offset
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
 
 // MarshalJSON writes r as [offset, size].
 func (r Range) MarshalJSON() ([]byte, error) {

@@ -197,3 +197,20 @@ func TestDecodeChunk(t *testing.T) {
 		})
 	}
 }
+
+// TestMergeRanges: ranges added one at a time, in any order (a profile's
+// chunks as they are read), stay sorted, disjoint and merged.
+func TestMergeRanges(t *testing.T) {
+	r := func(off, n int64) Range { return Range{Offset: off, Size: n} }
+	var rs []Range
+	for _, add := range []Range{r(50, 10), r(10, 10), r(30, 5), r(20, 10), r(70, 5), r(0, 5), r(34, 20)} {
+		rs = MergeRanges(append(rs, add))
+	}
+	want := []Range{r(0, 5), r(10, 50), r(70, 5)}
+	if !reflect.DeepEqual(rs, want) {
+		t.Fatalf("ranges %v, want %v", rs, want)
+	}
+	if rs = MergeRanges(append(rs, r(0, 100))); !reflect.DeepEqual(rs, []Range{r(0, 100)}) {
+		t.Fatalf("ranges %v after one covering all, want [0, 100)", rs)
+	}
+}

@@ -2,7 +2,6 @@ package converter
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -118,21 +117,7 @@ func parseRanges(s string) ([]artifact.Range, error) {
 		}
 		rs = append(rs, artifact.Range{Offset: off, Size: size})
 	}
-	return mergeRanges(rs), nil
-}
-
-// mergeRanges sorts rs and merges ranges that overlap or touch.
-func mergeRanges(rs []artifact.Range) []artifact.Range {
-	slices.SortFunc(rs, func(a, b artifact.Range) int { return cmp.Compare(a.Offset, b.Offset) })
-	out := rs[:0]
-	for _, r := range rs {
-		if n := len(out); n > 0 && r.Offset <= out[n-1].End() {
-			out[n-1].Size = max(out[n-1].End(), r.End()) - out[n-1].Offset
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
+	return artifact.MergeRanges(rs), nil
 }
 
 // layerView indexes one layer's TOC by name, as overlayfs sees it.
@@ -356,7 +341,7 @@ func AssignPrefetch(tocs []*artifact.TOC, list []PrefetchFile) (perLayer [][]str
 			if l.whole || len(l.ranges) == 0 {
 				continue // whole, or every range past the end: the whole file
 			}
-			rs := mergeRanges(l.ranges)
+			rs := artifact.MergeRanges(l.ranges)
 			if size := m[i].names[name].Size; len(rs) == 1 && rs[0].Offset == 0 && rs[0].Size == size {
 				continue // the whole file, said as a range
 			}

@@ -163,20 +163,3 @@ func TestPlanPrefetchRanges(t *testing.T) {
 		t.Fatalf("plan without ranges: %+v; want all of modules's chunks [%d, %d) first", got, mFirst, mLast)
 	}
 }
-
-// TestAddRange: a profile's ranges of a file stay sorted, disjoint and
-// merged whatever order the chunks are read in.
-func TestAddRange(t *testing.T) {
-	r := func(off, n int64) artifact.Range { return artifact.Range{Offset: off, Size: n} }
-	var rs []artifact.Range
-	for _, add := range []artifact.Range{r(50, 10), r(10, 10), r(30, 5), r(20, 10), r(70, 5), r(0, 5), r(34, 20)} {
-		rs = addRange(rs, add)
-	}
-	want := []artifact.Range{r(0, 5), r(10, 50), r(70, 5)}
-	if !reflect.DeepEqual(rs, want) {
-		t.Fatalf("ranges %v, want %v", rs, want)
-	}
-	if rs = addRange(rs, r(0, 100)); !reflect.DeepEqual(rs, []artifact.Range{r(0, 100)}) {
-		t.Fatalf("ranges %v after one covering all, want [0, 100)", rs)
-	}
-}

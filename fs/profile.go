@@ -73,20 +73,7 @@ func (p *profiles) add(image, path string, size int64, r artifact.Range) {
 		ip.files = append(ip.files, f)
 	}
 	f.size = max(f.size, size)
-	f.ranges = addRange(f.ranges, r)
-}
-
-// addRange inserts r into rs (sorted, disjoint, not touching) and merges
-// it with the ranges it overlaps or touches.
-func addRange(rs []artifact.Range, r artifact.Range) []artifact.Range {
-	i := sort.Search(len(rs), func(i int) bool { return rs[i].End() >= r.Offset })
-	j := i
-	for j < len(rs) && rs[j].Offset <= r.End() {
-		lo, hi := min(r.Offset, rs[j].Offset), max(r.End(), rs[j].End())
-		r = artifact.Range{Offset: lo, Size: hi - lo}
-		j++
-	}
-	return slices.Replace(rs, i, j, r)
+	f.ranges = artifact.MergeRanges(append(f.ranges, r))
 }
 
 func (p *profiles) get(image string) ([]ProfiledFile, bool) {

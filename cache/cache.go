@@ -339,7 +339,7 @@ func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
 	return s.getInto(d, promote, check, nil)
 }
 
-// getInto reads chunk d, from disk into buf when it is not nil.
+// getInto reads chunk d, from disk into buf when its capacity holds it.
 func (s *Store) getInto(d digest.Digest, promote, check bool, buf []byte) ([]byte, bool) {
 	if d.Validate() != nil {
 		s.misses.Add(1)
@@ -370,13 +370,10 @@ func (s *Store) getInto(d digest.Digest, promote, check bool, buf []byte) ([]byt
 	p := e.file(s)
 	var b []byte
 	var err error
-	switch {
-	case e.pack != nil:
+	if e.pack != nil {
 		b, err = readPacked(e, buf)
-	case buf != nil:
+	} else {
 		b, err = readFileInto(p, buf)
-	default:
-		b, err = os.ReadFile(p)
 	}
 	if err != nil || (check && !verify(d, b)) {
 		s.mu.Lock()
@@ -419,7 +416,8 @@ func (s *Store) getInto(d digest.Digest, promote, check bool, buf []byte) ([]byt
 	return b, true
 }
 
-// readFileInto reads the file at p into buf, grown when short.
+// readFileInto reads the file at p into buf when its capacity holds it (a
+// new slice otherwise).
 func readFileInto(p string, buf []byte) ([]byte, error) {
 	f, err := os.Open(p)
 	if err != nil {
@@ -430,14 +428,20 @@ func readFileInto(p string, buf []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if int64(cap(buf)) < st.Size() {
-		buf = make([]byte, st.Size())
-	}
-	b := buf[:st.Size()]
+	b := sized(buf, st.Size())
 	if _, err := io.ReadFull(f, b); err != nil {
 		return nil, fmt.Errorf("read %s: %w", p, err)
 	}
 	return b, nil
+}
+
+// sized returns buf holding n bytes, or a new slice when its capacity is
+// short.
+func sized(buf []byte, n int64) []byte {
+	if int64(cap(buf)) < n {
+		return make([]byte, n)
+	}
+	return buf[:n]
 }
 
 // Has reports whether chunk d is stored, without reading or verifying it.

@@ -151,10 +151,7 @@ func readPacked(e *diskEntry, buf []byte) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
-	if int64(cap(buf)) < int64(e.size) {
-		buf = make([]byte, e.size)
-	}
-	b := buf[:e.size]
+	b := sized(buf, int64(e.size))
 	if _, err := f.ReadAt(b, e.off); err != nil {
 		return nil, fmt.Errorf("read chunk at %d of pack %s: %w", e.off, e.pack.path, err)
 	}

@@ -472,8 +472,8 @@ type prefetchRun struct {
 // planPrefetch turns a layer's prefetch list into few, large range
 // requests, for the chunks of each listed file, or of the parts of it the
 // list gives (its startup read only those: the rest of a large file, a
-// JVM's modules image, comes with the background fetch). A startup reads hundreds of small files one after another;
-// fetched one request per file, that is one round trip per file, which
+// JVM's modules image, comes with the background fetch). A startup reads
+// hundreds of small files one after another; fetched one request per file, that is one round trip per file, which
 // costs more than the bytes over a link of tens of milliseconds. So the
 // chunks of every listed file are taken in blob order and merged into runs
 // of up to maxCoalesce compressed bytes, bridging gaps of up to gap bytes

@@ -135,13 +135,14 @@ func (fs *rawFS) pushFile(n *tnode) {
 	log := l.log.WithFields(logrus.Fields{"op": "push", "file": n.entry.Name})
 	start := time.Now()
 	var pending []int64
+	var bytes int64 // of the pieces pushed
 	parts := l.push.parts[n.ino]
 	for off := int64(0); off < n.entry.Size; off += maxIO {
 		if parts == nil || slices.ContainsFunc(parts, func(r artifact.Range) bool { return r.Offset < off+maxIO && off < r.End() }) {
 			pending = append(pending, off)
+			bytes += min(maxIO, n.entry.Size-off)
 		}
 	}
-	pieces := len(pending)
 	buf := make([]byte, maxIO)
 	for {
 		later, err := fs.pushPass(n, pending, buf)
@@ -161,7 +162,7 @@ func (fs *rawFS) pushFile(n *tnode) {
 		time.Sleep(pushRetry)
 	}
 	l.push.files.Add(1)
-	log.WithFields(logrus.Fields{"bytes": min(int64(pieces)*maxIO, n.entry.Size), "size": n.entry.Size, "took": time.Since(start)}).Debug("file pushed into the page cache")
+	log.WithFields(logrus.Fields{"bytes": bytes, "size": n.entry.Size, "took": time.Since(start)}).Debug("file pushed into the page cache")
 }
 
 // pushPass pushes the pieces of n at offsets pending whose chunks are

@@ -48,13 +48,7 @@ func TestPushListedFiles(t *testing.T) {
 			}
 			defer f.Close()
 			if push {
-				deadline := time.Now().Add(20 * time.Second)
-				for m.Stats().PushedFiles < 1 {
-					if time.Now().After(deadline) {
-						t.Fatalf("libbig.so not pushed within 20 s: %+v", m.Stats())
-					}
-					time.Sleep(10 * time.Millisecond)
-				}
+				waitPushed(t, "libbig.so", func() bool { return m.Stats().PushedFiles >= 1 }, func() any { return m.Stats() })
 				if got := m.Stats().PushedBytes; got != libSize {
 					t.Errorf("pushed %d bytes, want %d", got, libSize)
 				}
@@ -121,13 +115,7 @@ func TestPushListedParts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	deadline := time.Now().Add(20 * time.Second)
-	for m.Stats().PushedFiles < 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("lib/modules not pushed within 20 s: %+v", m.Stats())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitPushed(t, "lib/modules", func() bool { return m.Stats().PushedFiles >= 1 }, func() any { return m.Stats() })
 	if got := m.Stats().PushedBytes; got != 3*MiB {
 		t.Errorf("pushed %d bytes, want the 3 pieces of 1 MiB holding the listed parts", got)
 	}
@@ -150,6 +138,19 @@ func TestPushListedParts(t *testing.T) {
 	}
 	if n := readAt(3*MiB, 4096); n == 0 {
 		t.Errorf("a piece outside the listed parts was served without a FUSE read: it was pushed")
+	}
+}
+
+// waitPushed waits up to 20 s for done (a push of what) and fails the test
+// with stats when it does not come.
+func waitPushed(t *testing.T, what string, done func() bool, stats func() any) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !done() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not pushed within 20 s: stats %+v", what, stats())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -210,13 +211,7 @@ func TestPushWaitsForPrefetch(t *testing.T) {
 		t.Fatal("the prefetch made no request")
 	}
 	close(g.open)
-	deadline := time.Now().Add(20 * time.Second)
-	for m.Stats().PushedBytes < int64(len(want["app/lib.so"])) {
-		if time.Now().After(deadline) {
-			t.Fatalf("lib.so not pushed within 20 s of the prefetch: stats %+v", m.Stats())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitPushed(t, "lib.so, once the prefetch brought it,", func() bool { return m.Stats().PushedBytes >= int64(len(want["app/lib.so"])) }, func() any { return m.Stats() })
 	s := m.Stats()
 	if s.OnDemandBytes != 0 || s.PrefetchBytes == 0 {
 		t.Errorf("fetched %d bytes on demand and %d by prefetch; want the prefetch alone (the push fetches nothing)", s.OnDemandBytes, s.PrefetchBytes)
@@ -253,13 +248,7 @@ func TestProfileKeepsPushedParts(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	deadline := time.Now().Add(20 * time.Second)
-	for m.Stats().PushedBytes < MiB {
-		if time.Now().After(deadline) {
-			t.Fatalf("the listed part not pushed within 20 s: stats %+v", m.Stats())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitPushed(t, "the listed part", func() bool { return m.Stats().PushedBytes >= MiB }, func() any { return m.Stats() })
 	buf := make([]byte, MiB)
 	if _, err := f.ReadAt(buf, 2*MiB); err != nil || !bytes.Equal(buf, want["app/modules"][2*MiB:3*MiB]) {
 		t.Fatalf("read the pushed part: %v", err)

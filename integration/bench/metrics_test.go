@@ -65,3 +65,37 @@ streamer_fetch_request_duration_seconds_count 9
 		t.Errorf("FmtFUSE of nothing = %q", got)
 	}
 }
+
+func TestParseFetchUse(t *testing.T) {
+	page := `# TYPE streamer_fetch_requests_total counter
+streamer_fetch_requests_total 120
+streamer_fetch_request_duration_seconds_count 120
+streamer_fetched_bytes_by_cause_total{cause="background"} 4.194304e+06
+streamer_fetched_bytes_by_cause_total{cause="on_demand"} 65536
+streamer_fetched_bytes_by_cause_total{cause="prefetch"} 1000
+`
+	before, err := ParseFetchUse(strings.NewReader(page))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before.Requests != 120 || before.Bytes["background"] != 4<<20 || before.Bytes["on_demand"] != 65536 || before.Bytes["prefetch"] != 1000 {
+		t.Fatalf("parsed %+v", before)
+	}
+	after := &FetchUse{Requests: 123, Bytes: map[string]int64{"background": 8 << 20, "on_demand": 65536, "prefetch": 1000}}
+	d := fetchDelta(before, after)
+	if d.Requests != 3 || len(d.Bytes) != 1 || d.Bytes["background"] != 4<<20 {
+		t.Errorf("delta %+v; want 3 requests, background 4 MiB only", d)
+	}
+	if got, want := FmtFetch(d), "3 (background 4.0 MiB)"; got != want {
+		t.Errorf("FmtFetch = %q; want %q", got, want)
+	}
+	if got := FmtFetch(&FetchUse{}); got != "0" {
+		t.Errorf("FmtFetch of nothing = %q", got)
+	}
+	if fetchDelta(nil, after) != nil {
+		t.Error("a delta from an unknown page is not nil")
+	}
+	if _, err := ParseFetchUse(strings.NewReader("streamer_fetch_requests_total x\n")); err == nil {
+		t.Error("a malformed value parsed")
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"html"
 	"math"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -73,6 +74,10 @@ type Run struct {
 	// first requests ran, by operation (Streamer only): what of the
 	// requests' latency went through the layer mounts.
 	RequestFUSE map[string]FUSEUse `json:",omitempty"`
+	// RequestFetch are the range requests the snapshotter made while the
+	// first requests ran and the compressed bytes it read by cause
+	// (Streamer only): the background work that ran beside them.
+	RequestFetch *FetchUse `json:",omitempty"`
 	// RequestCPU is the CPU time the parts of the node used while the
 	// first requests ran: what ran beside the pods.
 	RequestCPU *CPUUse `json:",omitempty"`
@@ -82,6 +87,28 @@ type Run struct {
 type FUSEUse struct {
 	Count   int64
 	Seconds float64
+}
+
+// FetchUse counts a snapshotter's range requests and the compressed bytes
+// they read, by cause (on_demand, prefetch, background).
+type FetchUse struct {
+	Requests int64
+	Bytes    map[string]int64 `json:",omitempty"`
+}
+
+// FmtFetch prints fetch use, causes in a fixed order: "3 (background
+// 4.0 MiB, prefetch 64.0 KiB)".
+func FmtFetch(u *FetchUse) string {
+	var parts []string
+	for _, cause := range []string{"on_demand", "prefetch", "background"} {
+		if n := u.Bytes[cause]; n > 0 {
+			parts = append(parts, strings.ReplaceAll(cause, "_", " ")+" "+FmtBytes(n))
+		}
+	}
+	if len(parts) == 0 {
+		return strconv.FormatInt(u.Requests, 10)
+	}
+	return fmt.Sprintf("%d (%s)", u.Requests, strings.Join(parts, ", "))
 }
 
 // FmtFUSE prints FUSE use by operation, most used first: "12 (lookup 8,

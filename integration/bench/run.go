@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -653,18 +654,75 @@ func (n *node) onDemandBytes(ctx context.Context) (int64, error) {
 	return v, err
 }
 
-// fuseUse reads the snapshotter's FUSE request counts and times by
-// operation (nil on a full pull).
-func (n *node) fuseUse(ctx context.Context) (map[string]FUSEUse, error) {
+// snapUse reads the snapshotter's FUSE request counts and times by
+// operation and its range requests and bytes by cause (nil, nil on a full
+// pull).
+func (n *node) snapUse(ctx context.Context) (map[string]FUSEUse, *FetchUse, error) {
 	if n.metrics == "" {
-		return nil, nil
+		return nil, nil, nil
 	}
 	var u map[string]FUSEUse
-	err := n.scrapeMetrics(ctx, func(r io.Reader) (err error) {
-		u, err = ParseFUSEUse(r)
+	var f *FetchUse
+	err := n.scrapeMetrics(ctx, func(r io.Reader) error {
+		page, err := io.ReadAll(r)
+		if err != nil {
+			return err
+		}
+		if u, err = ParseFUSEUse(bytes.NewReader(page)); err != nil {
+			return err
+		}
+		f, err = ParseFetchUse(bytes.NewReader(page))
 		return err
 	})
-	return u, err
+	return u, f, err
+}
+
+// ParseFetchUse reads streamer_fetch_requests_total and
+// streamer_fetched_bytes_by_cause_total from a metrics page.
+func ParseFetchUse(r io.Reader) (*FetchUse, error) {
+	const requests, byCause = "streamer_fetch_requests_total ", `streamer_fetched_bytes_by_cause_total{cause="`
+	out := &FetchUse{Bytes: map[string]int64{}}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		var val, what string
+		if v, ok := strings.CutPrefix(line, requests); ok {
+			val, what = v, "requests"
+		} else if rest, ok := strings.CutPrefix(line, byCause); ok {
+			cause, v, ok := strings.Cut(rest, `"} `)
+			if !ok {
+				continue
+			}
+			val, what = v, cause
+		} else {
+			continue
+		}
+		f, err := strconv.ParseFloat(strings.Fields(val)[0], 64)
+		if err != nil {
+			return nil, fmt.Errorf("metric line %q: %w", line, err)
+		}
+		if what == "requests" {
+			out.Requests = int64(f)
+		} else {
+			out.Bytes[what] = int64(f)
+		}
+	}
+	return out, sc.Err()
+}
+
+// fetchDelta is what after counts beyond before (nil when either is).
+func fetchDelta(before, after *FetchUse) *FetchUse {
+	if before == nil || after == nil {
+		return nil
+	}
+	out := &FetchUse{Requests: after.Requests - before.Requests, Bytes: map[string]int64{}}
+	for cause, n := range after.Bytes {
+		if d := n - before.Bytes[cause]; d > 0 {
+			out.Bytes[cause] = d
+		}
+	}
+	return out
 }
 
 // scrapeMetrics gets the snapshotter's metrics page and hands it to parse.
@@ -788,6 +846,8 @@ type measured struct {
 	// requestFUSE are the FUSE requests served during the first
 	// requests (of every pod).
 	requestFUSE map[string]FUSEUse
+	// requestFetch are the snapshotter's range requests meanwhile.
+	requestFetch *FetchUse
 	// requestCPU is the CPU time of the node's parts meanwhile.
 	requestCPU *CPUUse
 }
@@ -927,7 +987,7 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 		o := <-polled
 		polled <- o
 	}
-	fuseBefore, fErr := n.fuseUse(ctx)
+	fuseBefore, fetchBefore, fErr := n.snapUse(ctx)
 	parts := b.cpuParts(n)
 	cpuBefore := sampleCPU(parts)
 	reqStart := monotonic()
@@ -941,12 +1001,14 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	}
 	if fErr == nil {
 		var fuseAfter map[string]FUSEUse
-		if fuseAfter, fErr = n.fuseUse(ctx); fErr == nil {
+		var fetchAfter *FetchUse
+		if fuseAfter, fetchAfter, fErr = n.snapUse(ctx); fErr == nil {
 			m.requestFUSE = fuseDelta(fuseBefore, fuseAfter)
+			m.requestFetch = fetchDelta(fetchBefore, fetchAfter)
 		}
 	}
 	if fErr != nil {
-		b.cfg.logf("warning: FUSE requests during the first requests not known: %v", fErr)
+		b.cfg.logf("warning: FUSE requests and fetches during the first requests not known: %v", fErr)
 	}
 	for _, p := range pods {
 		if p.err != nil {
@@ -1109,7 +1171,7 @@ func (b *bench) cellOne(ctx context.Context, n *node, im benchImage) error {
 // run is a Run with the figures of m; the caller adds the pods' times.
 func (m measured) run() Run {
 	return Run{LinkBytes: m.linkBytes, StartupBytes: m.startupBytes,
-		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete, RequestFUSE: m.requestFUSE, RequestCPU: m.requestCPU}
+		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete, RequestFUSE: m.requestFUSE, RequestFetch: m.requestFetch, RequestCPU: m.requestCPU}
 }
 
 func (b *bench) progress(c Cell, i int, r Run) {
@@ -1119,6 +1181,9 @@ func (b *bench) progress(c Cell, i int, r Run) {
 	}
 	if r.RequestFUSE != nil {
 		extra += "; FUSE requests during the first requests: " + FmtFUSE(r.RequestFUSE)
+	}
+	if r.RequestFetch != nil {
+		extra += "; range requests meanwhile: " + FmtFetch(r.RequestFetch)
 	}
 	if r.RequestCPU != nil {
 		extra += "; CPU meanwhile: " + FmtCPU(r.RequestCPU)

@@ -7,6 +7,7 @@ import (
 	"hash"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"syscall"
@@ -152,13 +153,57 @@ func bodyCut(err error) bool {
 	return errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
 }
 
+// readRange reads a range from host: from the blob's storage location when
+// the registry redirected an earlier read of the blob there (blobLocations),
+// else from the registry, remembering where it redirected to. A location
+// that fails is forgotten and the registry asked again, once.
 func (c *Client) readRange(ctx context.Context, host, repo string, blob digest.Digest, off, n int64) ([]byte, error) {
-	end := off + n - 1
-	resp, err := c.get(ctx, host, repo, "/blobs/"+blob.String(), http.Header{"Range": {fmt.Sprintf("bytes=%d-%d", off, end)}})
+	rangeHeader := http.Header{"Range": {fmt.Sprintf("bytes=%d-%d", off, off+n-1)}}
+	key := host + "/" + repo + "@" + blob.String()
+	if loc, ok := c.locations.get(key); ok {
+		b, err := c.readRangeAt(ctx, loc, rangeHeader, off, n)
+		if err == nil || ctx.Err() != nil {
+			return b, err
+		}
+		c.locations.forget(key, loc)
+		log.G(ctx).WithError(err).WithFields(log.Fields{"host": host, "repository": repo, "blob": blob, "op": "read-range"}).Debug("blob storage location failed, asking the registry again")
+	}
+	resp, err := c.get(ctx, host, repo, "/blobs/"+blob.String(), rangeHeader)
 	if err != nil {
 		return nil, err
 	}
 	defer resp.Body.Close()
+	b, err := rangeBody(resp, off, n)
+	if err == nil && resp.Request.Response != nil {
+		// The registry redirected (to blob storage, a CDN): later reads
+		// of this blob go there directly, saving a round trip each.
+		c.locations.put(key, resp.Request.URL)
+		c.redirects.Add(1)
+	}
+	return b, err
+}
+
+// readRangeAt reads a range from a blob storage location. It sends no
+// registry credentials (a signed location carries its own).
+func (c *Client) readRangeAt(ctx context.Context, loc *url.URL, header http.Header, off, n int64) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, loc.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, classify(err)
+	}
+	defer resp.Body.Close()
+	return rangeBody(resp, off, n)
+}
+
+// rangeBody reads the n bytes at off from the answer to a range request.
+func rangeBody(resp *http.Response, off, n int64) ([]byte, error) {
+	end := off + n - 1
 	buf := make([]byte, n)
 	switch resp.StatusCode {
 	case http.StatusPartialContent:

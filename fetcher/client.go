@@ -21,9 +21,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -109,6 +111,10 @@ type Options struct {
 	Timeout time.Duration
 	// UserAgent is sent with every request; default "streamer".
 	UserAgent string
+	// LocationTTL is how long range reads of a blob go straight to the
+	// storage location a registry redirected them to (blobLocations);
+	// default DefaultLocationTTL, negative: every read asks the registry.
+	LocationTTL time.Duration
 
 	// backoff is the first retry delay (tests shorten it); default 250 ms.
 	backoff time.Duration
@@ -126,6 +132,90 @@ type Client struct {
 	schemes map[string]string             // host -> "https" | "http"
 	repos   map[string]*remote.Repository // "scheme://host/repo"
 	badHost map[string]time.Time          // mirrors that failed recently
+
+	locations blobLocations
+	redirects atomic.Int64
+}
+
+// Redirects is how many range reads a registry redirected to a blob
+// storage location that was then remembered (see blobLocations).
+func (c *Client) Redirects() int64 { return c.redirects.Load() }
+
+// blobLocations remembers, per registry host, repository and blob, where
+// the registry redirected a range read of the blob (most registries send
+// blob reads to object storage or a CDN, with a signed URL): later range
+// reads of the blob go there directly for LocationTTL, instead of a round
+// trip to the registry for a redirect each time, which on a distant
+// registry doubles the latency of every on-demand read. A location that
+// fails (expired signature, storage error) is forgotten and the registry
+// asked again.
+type blobLocations struct {
+	ttl time.Duration
+	mu  sync.Mutex
+	m   map[string]blobLocation
+}
+
+type blobLocation struct {
+	url     *url.URL
+	expires time.Time
+}
+
+// DefaultLocationTTL is how long a blob's redirected location is used
+// before the registry is asked again. Signed storage URLs of the common
+// registries are valid for several minutes at least; a location that
+// expires sooner fails and is asked for again anyway.
+const DefaultLocationTTL = time.Minute
+
+// maxLocations bounds the remembered locations (one per blob read).
+const maxLocations = 4096
+
+func (l *blobLocations) get(key string) (*url.URL, bool) {
+	if l.ttl <= 0 {
+		return nil, false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e, ok := l.m[key]
+	if !ok {
+		return nil, false
+	}
+	if time.Now().After(e.expires) {
+		delete(l.m, key)
+		return nil, false
+	}
+	return e.url, true
+}
+
+func (l *blobLocations) put(key string, u *url.URL) {
+	if l.ttl <= 0 {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil {
+		l.m = map[string]blobLocation{}
+	}
+	now := time.Now()
+	if len(l.m) >= maxLocations {
+		for k, e := range l.m {
+			if now.After(e.expires) {
+				delete(l.m, k)
+			}
+		}
+		if len(l.m) >= maxLocations {
+			clear(l.m)
+		}
+	}
+	l.m[key] = blobLocation{url: u, expires: now.Add(l.ttl)}
+}
+
+// forget drops key's location if it is still u.
+func (l *blobLocations) forget(key string, u *url.URL) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e, ok := l.m[key]; ok && e.url == u {
+		delete(l.m, key)
+	}
 }
 
 // New returns a Client for opts.
@@ -144,6 +234,9 @@ func New(opts Options) (*Client, error) {
 	if opts.backoff <= 0 {
 		opts.backoff = 250 * time.Millisecond
 	}
+	if opts.LocationTTL == 0 {
+		opts.LocationTTL = DefaultLocationTTL
+	}
 	c := &Client{
 		opts:     opts,
 		insecure: map[string]bool{},
@@ -151,6 +244,7 @@ func New(opts Options) (*Client, error) {
 		repos:    map[string]*remote.Repository{},
 		badHost:  map[string]time.Time{},
 	}
+	c.locations.ttl = opts.LocationTTL
 	for _, h := range opts.Insecure {
 		c.insecure[h] = true
 	}

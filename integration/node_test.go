@@ -52,10 +52,17 @@ func startNode(t *testing.T) *node {
 // startNodeOn starts a node whose containerd is rt.
 func startNodeOn(t *testing.T, rt harness.ContainerdRuntime) *node {
 	t.Helper()
+	return startNodeWith(t, rt, testenv.RegistryOptions{})
+}
+
+// startNodeWith starts a node whose containerd is rt and whose registry
+// runs with ro.
+func startNodeWith(t *testing.T, rt harness.ContainerdRuntime, ro testenv.RegistryOptions) *node {
+	t.Helper()
 	needRoot(t)
 	b := needBinaries(t)
 	n := &node{dir: tempDir(t, "sn-")}
-	n.reg = testenv.Registry(t, testenv.RegistryOptions{})
+	n.reg = testenv.Registry(t, ro)
 	n.faults = testenv.CountingProxy(t, n.reg.Host)
 	n.count = harness.StartCountingProxy(t, n.faults.Host)
 
@@ -223,6 +230,57 @@ func TestNodeStreamedPod(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestNodeRedirectingRegistry streams an image from a registry that
+// redirects blob reads to storage, as registries backed by object storage
+// or a CDN do: the pod starts and reads the right bytes, and of the
+// snapshotter's range reads only the first of each blob asks the
+// registry; the rest go to the storage directly.
+func TestNodeRedirectingRegistry(t *testing.T) {
+	n := startNodeWith(t, systemContainerd(t), testenv.RegistryOptions{RedirectBlobs: true})
+	ctx := testContext(t, 3*time.Minute)
+	metrics := n.withMetrics(t, false)
+	a, b := harness.RandomBytes(91, 3<<20), harness.RandomBytes(92, 3<<20)
+	web, err := harness.WebImage("redirected", 0, []harness.File{
+		harness.Dir("data", 0o755), harness.Reg("data/a", 0o644, a), harness.Reg("data/b", 0o644, b),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, img := n.push(t, ctx, "redirected", web, true)
+	_, storedBefore := n.reg.Storage.Requests()
+	n.count.Reset()
+	w := n.cri.RunWebPod(t, ctx, "redirected", ref, filepath.Join(n.dir, "logs"))
+	if body, err := harness.HTTPGet(ctx, w.URL); err != nil || body != "redirected" {
+		t.Fatalf("GET %s: %q, %v", w.URL, body, err)
+	}
+	for file, want := range map[string][]byte{"a": a, "b": b} {
+		if got := execOK(t, ctx, w, "sha256sum /data/"+file+" | cut -d' ' -f1"); got != sha(want) {
+			t.Fatalf("sha256 of /data/%s in the container: %s", file, got)
+		}
+	}
+	var metric [2]float64
+	for i, name := range []string{"streamer_fetch_requests_total", "streamer_fetch_redirects_total"} {
+		if metric[i], err = scrapeMetric(ctx, metrics, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	requests, redirects := metric[0], metric[1]
+	_, stored := n.reg.Storage.Requests()
+	stored -= storedBefore
+	t.Logf("%d layers: %.0f range reads, %.0f redirected by the registry; the storage served %d range requests, the registry %d blob GETs",
+		len(img.Layers), requests, redirects, stored, n.count.BlobRequests())
+	if redirects < 1 {
+		n.logs(t)
+		t.Fatalf("no range read was redirected; the registry redirects every blob read")
+	}
+	if requests-redirects < 2 {
+		t.Errorf("%.0f of %.0f range reads went to the storage without a redirect; want the reads after each blob's first there", requests-redirects, requests)
+	}
+	if float64(stored) < requests {
+		t.Errorf("the storage served %d range requests, fewer than the snapshotter's %.0f range reads", stored, requests)
+	}
 }
 
 // TestNodeLazy checks that a pod becomes ready having fetched a small part

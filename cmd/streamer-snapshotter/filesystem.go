@@ -75,7 +75,7 @@ func newFileSystem(ctx context.Context, cfg *config.Daemon) (snapshotter.FileSys
 		store.Close()
 		return nil, nil, err
 	}
-	col := &collector{mgr: mgr, cache: store}
+	col := &collector{mgr: mgr, cache: store, client: client}
 	if err := prometheus.Register(col); err != nil {
 		log.G(ctx).WithError(err).Warn("metrics not registered")
 	}
@@ -121,8 +121,9 @@ func (l layers) Usage(ctx context.Context, mountpoint string) (snapshots.Usage, 
 
 // collector exposes the manager's and cache's counters to Prometheus.
 type collector struct {
-	mgr   *fs.Manager
-	cache *cache.Store
+	mgr    *fs.Manager
+	cache  *cache.Store
+	client *fetcher.Client
 }
 
 var (
@@ -131,6 +132,7 @@ var (
 	descFallbacks = prometheus.NewDesc("streamer_layer_fallbacks_total", "Layers left to an ordinary pull (no streaming artifact or lookup failed).", nil, nil)
 	descFetched   = prometheus.NewDesc("streamer_fetched_bytes_total", "Compressed bytes read from registries.", nil, nil)
 	descRequests  = prometheus.NewDesc("streamer_fetch_requests_total", "Range requests made to registries.", nil, nil)
+	descRedirects = prometheus.NewDesc("streamer_fetch_redirects_total", "Range reads a registry redirected to blob storage; the blob's later reads go to that location directly for a while.", nil, nil)
 	descBad       = prometheus.NewDesc("streamer_bad_chunks_total", "Chunks that failed verification (never served, never cached).", nil, nil)
 	descCache     = prometheus.NewDesc("streamer_cache_bytes", "Bytes of chunks in the disk cache.", nil, nil)
 	descChunks    = prometheus.NewDesc("streamer_cache_chunks", "Chunks in the disk cache.", nil, nil)
@@ -148,7 +150,7 @@ var (
 )
 
 var allDescs = []*prometheus.Desc{
-	descMounted, descMounts, descFallbacks, descFetched, descRequests, descBad, descCache, descChunks,
+	descMounted, descMounts, descFallbacks, descFetched, descRequests, descRedirects, descBad, descCache, descChunks,
 	descFetchedBy, descLatency, descHits, descMisses, descEvictions, descLayersOK, descLayersBad, descPushed,
 	descFUSE, descYielded,
 }
@@ -177,6 +179,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descFallbacks, prometheus.CounterValue, float64(s.Fallbacks))
 	ch <- prometheus.MustNewConstMetric(descFetched, prometheus.CounterValue, float64(s.FetchedBytes))
 	ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(s.FetchRequests))
+	ch <- prometheus.MustNewConstMetric(descRedirects, prometheus.CounterValue, float64(c.client.Redirects()))
 	ch <- prometheus.MustNewConstMetric(descBad, prometheus.CounterValue, float64(s.BadChunks))
 	ch <- prometheus.MustNewConstMetric(descCache, prometheus.GaugeValue, float64(c.cache.Size()))
 	ch <- prometheus.MustNewConstMetric(descChunks, prometheus.GaugeValue, float64(c.cache.Len()))

@@ -278,8 +278,10 @@ func Tags(root, repo string) []string {
 
 // RegistryConfig is the distribution registry configuration every
 // registry of the harness and the benchmark runs with: storage under root
-// (deletes allowed), listening on addr, quiet logs.
-func RegistryConfig(root, addr string) string {
+// (deletes allowed), listening on addr, quiet logs. With a redirect base
+// URL, blob reads are redirected there (to a testenv.BlobStorage serving
+// root), as registries backed by object storage or a CDN do.
+func RegistryConfig(root, addr string, redirect ...string) string {
 	return fmt.Sprintf(`version: 0.1
 log:
   level: warn
@@ -293,5 +295,19 @@ storage:
 http:
   addr: %s
   secret: streamer-test-secret
-`, root, addr)
+`, root, addr) + redirectYAML(redirect...)
+}
+
+// redirectYAML is the registry's redirect middleware for a base URL (none
+// for none).
+func redirectYAML(base ...string) string {
+	if len(base) == 0 || base[0] == "" {
+		return ""
+	}
+	return fmt.Sprintf(`middleware:
+  storage:
+    - name: redirect
+      options:
+        baseurl: %s
+`, base[0])
 }

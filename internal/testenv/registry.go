@@ -48,6 +48,10 @@ type RegistryOptions struct {
 	// Notifications are the registry's notification endpoints
 	// (notifications.endpoints): it POSTs event envelopes to each.
 	Notifications []NotificationEndpoint
+	// RedirectBlobs makes the registry answer blob reads with a redirect
+	// to a BlobStorage serving its storage (Reg.Storage), as registries
+	// backed by object storage or a CDN do.
+	RedirectBlobs bool
 }
 
 // NotificationEndpoint is one entry of the registry's
@@ -110,6 +114,9 @@ type Reg struct {
 	Dir string
 	// TokenURL is the token server's URL (only with RegistryOptions.Token).
 	TokenURL string
+	// Storage serves the blob reads the registry redirects (only with
+	// RegistryOptions.RedirectBlobs).
+	Storage *BlobStorage
 
 	t       testing.TB
 	cfgPath string
@@ -173,6 +180,16 @@ func Registry(t testing.TB, opts RegistryOptions) *Reg {
     path: %s
 `, path)
 	}
+	middleware := ""
+	if opts.RedirectBlobs {
+		r.Storage = StartBlobStorage(t, r.Dir)
+		middleware = fmt.Sprintf(`middleware:
+  storage:
+    - name: redirect
+      options:
+        baseurl: %s
+`, r.Storage.BaseURL)
+	}
 	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: info
@@ -191,7 +208,7 @@ http:
   secret: streamer-testenv-secret
   headers:
     X-Content-Type-Options: [nosniff]
-%s%s`, r.Dir, r.Host, auth, notificationsYAML(opts.Notifications))
+%s%s%s`, r.Dir, r.Host, auth, notificationsYAML(opts.Notifications), middleware)
 	if err := os.WriteFile(r.cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatalf("testenv: write registry config: %v", err)
 	}

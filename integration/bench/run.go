@@ -84,6 +84,13 @@ type Config struct {
 	// (this program's hidden subcommand); Run appends -listen, -upstream
 	// and -delay.
 	DelayProxy []string
+	// BlobStorage is the command line prefix that runs the blob storage
+	// the registry redirects blob reads to (this program's hidden
+	// subcommand, testenv.ServeBlobStorage); Run appends -listen and
+	// -root. It runs in the registry's namespace behind a delay proxy of
+	// its own: most registries send blob reads to object storage or a CDN
+	// in the same region. Without it the registry serves blobs itself.
+	BlobStorage []string
 	// Logf prints progress lines.
 	Logf func(format string, args ...any)
 }
@@ -190,6 +197,11 @@ func RunBenchmark(ctx context.Context, r *harness.Runner, cfg Config) (*Report, 
 	}
 	cfg.logf("%s", note)
 	b.report.Notes = append(b.report.Notes, note)
+	if len(cfg.BlobStorage) > 0 {
+		b.report.Notes = append(b.report.Notes, "The registry redirects blob reads to blob storage beside it, behind the same link (as registries backed by object storage or a CDN do); the registry's CPU figures include the storage and both delay proxies. -registry-serves-blobs has the registry serve them itself.")
+	} else {
+		b.report.Notes = append(b.report.Notes, "The registry served blob reads itself (-registry-serves-blobs): docker-registry reads each range request's blob through a new 4 MiB buffer.")
+	}
 	if cfg.RegistryNice > 0 {
 		b.report.Notes = append(b.report.Notes, fmt.Sprintf("The registry and the delay proxy ran at nice %d (-registry-nice): these figures compare only with runs made the same way.", cfg.RegistryNice))
 	}
@@ -241,7 +253,21 @@ func (b *bench) startRegistry(ctx context.Context) error {
 	}
 	b.regHost = b.link.NSIP + ":5001"
 	b.host = b.link.NSIP + ":5000"
-	cfg := harness.RegistryConfig(storage, b.regHost)
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	redirect := ""
+	if len(b.cfg.BlobStorage) > 0 {
+		// Blob storage on :5003, reached through a delay proxy on :5002.
+		direct, shaped := b.link.NSIP+":5003", b.link.NSIP+":5002"
+		if err := b.startRemote(wctx, "blob storage", "storage.log", append(append([]string{}, b.cfg.BlobStorage...), "-listen", direct, "-root", storage), "http://"+direct+"/"); err != nil {
+			return err
+		}
+		if err := b.startDelay(wctx, shaped, direct, "storage-delay.log"); err != nil {
+			return err
+		}
+		redirect = "http://" + shaped
+	}
+	cfg := harness.RegistryConfig(storage, b.regHost, redirect)
 	cfgPath := filepath.Join(b.dir, "registry.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return err
@@ -250,33 +276,37 @@ func (b *bench) startRegistry(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("docker-registry: %w (make deps)", err)
 	}
-	argv := b.link.Exec(b.niced(reg, "serve", cfgPath)...)
-	rp, err := harness.StartProcess(argv[0], filepath.Join(b.dir, "registry.log"), argv[1:]...)
+	if err := b.startRemote(wctx, "registry", "registry.log", []string{reg, "serve", cfgPath}, "http://"+b.regHost+"/v2/"); err != nil {
+		return err
+	}
+	return b.startDelay(wctx, b.host, b.regHost, "delay.log")
+}
+
+// startRemote runs argv in the registry's namespace (niced as
+// Config.RegistryNice says), counted with the registry's processes, and
+// waits until u answers.
+func (b *bench) startRemote(ctx context.Context, what, log string, argv []string, u string) error {
+	argv = b.link.Exec(b.niced(argv...)...)
+	p, err := harness.StartProcess(argv[0], filepath.Join(b.dir, log), argv[1:]...)
 	if err != nil {
 		return err
 	}
-	b.r.Cleanup(func() { rp.Stop(5 * time.Second) })
-	b.regPIDs = append(b.regPIDs, rp.PID())
-	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	if err := harness.WaitFor(wctx, rp, "registry in "+b.link.NS, func(ctx context.Context) error {
-		_, err := httpStatus(ctx, "http://"+b.regHost+"/v2/")
+	b.r.Cleanup(func() { p.Stop(5 * time.Second) })
+	b.regPIDs = append(b.regPIDs, p.PID())
+	if err := harness.WaitFor(ctx, p, what+" in "+b.link.NS, func(ctx context.Context) error {
+		_, err := httpStatus(ctx, u)
 		return err
 	}); err != nil {
-		return fmt.Errorf("%w\nregistry log:\n%s", err, rp.LogTail(20))
+		return fmt.Errorf("%w\n%s log:\n%s", err, what, p.LogTail(20))
 	}
-	argv = b.link.Exec(b.niced(append(append([]string{}, b.cfg.DelayProxy...),
-		"-listen", b.host, "-upstream", b.regHost, "-delay", (b.cfg.Profile.RTT / 2).String())...)...)
-	dp, err := harness.StartProcess(argv[0], filepath.Join(b.dir, "delay.log"), argv[1:]...)
-	if err != nil {
-		return err
-	}
-	b.r.Cleanup(func() { dp.Stop(5 * time.Second) })
-	b.regPIDs = append(b.regPIDs, dp.PID())
-	return harness.WaitFor(wctx, dp, "delay proxy in "+b.link.NS, func(ctx context.Context) error {
-		_, err := httpStatus(ctx, "http://"+b.host+"/v2/")
-		return err
-	})
+	return nil
+}
+
+// startDelay runs a delay proxy from listen to upstream in the registry's
+// namespace.
+func (b *bench) startDelay(ctx context.Context, listen, upstream, log string) error {
+	argv := append(append([]string{}, b.cfg.DelayProxy...), "-listen", listen, "-upstream", upstream, "-delay", (b.cfg.Profile.RTT / 2).String())
+	return b.startRemote(ctx, "delay proxy to "+upstream, log, argv, "http://"+listen+"/")
 }
 
 // niced prefixes argv with nice -n Config.RegistryNice when it is set.
@@ -1437,6 +1467,16 @@ func (b *bench) linkCheck(ctx context.Context) (string, error) {
 		}
 	}
 	u := "http://" + b.host + "/v2/" + im.recipe.Name + "/blobs/" + big.Digest.String()
+	where := "the registry"
+	if len(b.cfg.BlobStorage) > 0 {
+		// The snapshotter follows the registry's redirect once per blob
+		// and reads ranges at the location: measure that.
+		loc, err := redirectOf(ctx, u)
+		if err != nil {
+			return "", fmt.Errorf("link check: %w", err)
+		}
+		u, where = loc, "the blob's storage location (after the registry's redirect)"
+	}
 	get := func(c *http.Client, rng string) (time.Duration, int64, error) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 		if err != nil {
@@ -1477,9 +1517,29 @@ func (b *bench) linkCheck(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("Link check: a 4 KiB range request to the registry takes %s on a new connection, %s on a kept-alive one (medians of 20); a %s read runs at %.0f Mbit/s.",
-		FmtDuration(seconds(SummarizeDurations(cold).Median)), FmtDuration(seconds(SummarizeDurations(warm).Median)),
+	return fmt.Sprintf("Link check: a 4 KiB range request to %s takes %s on a new connection, %s on a kept-alive one (medians of 20); a %s read runs at %.0f Mbit/s.",
+		where, FmtDuration(seconds(SummarizeDurations(cold).Median)), FmtDuration(seconds(SummarizeDurations(warm).Median)),
 		FmtBytes(n), float64(n)*8/d.Seconds()/1e6), nil
+}
+
+// redirectOf is where the registry redirects a GET of u.
+func redirectOf(ctx context.Context, u string) (string, error) {
+	c := &http.Client{Timeout: 30 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	defer c.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	loc, err := resp.Location()
+	if err != nil {
+		return "", fmt.Errorf("GET %s: %s, no redirect: %w", u, resp.Status, err)
+	}
+	return loc.String(), nil
 }
 
 // copyFile copies src to dst (created or truncated).

@@ -22,11 +22,15 @@ import (
 	"github.com/streamer-dev/streamer/config"
 	"github.com/streamer-dev/streamer/integration/bench"
 	"github.com/streamer-dev/streamer/integration/harness"
+	"github.com/streamer-dev/streamer/internal/testenv"
 )
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "delay-proxy" {
 		os.Exit(delayProxy(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "blob-storage" {
+		os.Exit(blobStorage(os.Args[2:]))
 	}
 	err := harness.RunProgram("bench", run)
 	if err != nil {
@@ -53,6 +57,7 @@ func run(r *harness.Runner) error {
 		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
 		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) from each run's start to the end of its first requests, one file per run in this directory; the run's line gives the requests' window in perf's clock: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
 		registryNice  = flag.Int("registry-nice", 0, "run the registry and the delay proxy at this nice value (1-19): on the bench machine they share the node's CPUs, where a real registry is elsewhere; runs with it compare only with each other")
+		registryBlobs = flag.Bool("registry-serves-blobs", false, "the registry serves blob reads itself instead of redirecting them to blob storage beside it (as registries backed by object storage or a CDN do); docker-registry reads every range request's blob through a new 4 MiB buffer")
 		wholeFiles    = flag.Bool("whole-files", false, "prefetch lists name whole files, without the byte ranges the startup read (as lists were before they carried ranges)")
 		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
 	)
@@ -136,6 +141,10 @@ func run(r *harness.Runner) error {
 	if err != nil {
 		return fmt.Errorf("find own executable (the delay proxy runs it): %w", err)
 	}
+	blobStorage := []string{self, "blob-storage"}
+	if *registryBlobs {
+		blobStorage = nil
+	}
 	if *out == "" {
 		*out = filepath.Join(*cache, "results", time.Now().UTC().Format("20060102-150405"))
 	}
@@ -149,7 +158,7 @@ func run(r *harness.Runner) error {
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
 		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
 		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir, WholeFiles: *wholeFiles, RegistryNice: *registryNice,
-		DelayProxy: []string{self, "delay-proxy"}, Logf: logf,
+		DelayProxy: []string{self, "delay-proxy"}, BlobStorage: blobStorage, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {
 		files, werr := bench.WriteResults(*out, rep)
@@ -165,6 +174,23 @@ func run(r *harness.Runner) error {
 	}
 	logf("bench done in %v", time.Since(start).Round(time.Second))
 	return nil
+}
+
+// blobStorage is the hidden subcommand the benchmark runs inside the
+// registry's network namespace: the storage the registry redirects blob
+// reads to.
+func blobStorage(args []string) int {
+	fs := flag.NewFlagSet("blob-storage", flag.ExitOnError)
+	listen := fs.String("listen", "", "address to listen on")
+	root := fs.String("root", "", "the registry's storage root directory")
+	_ = fs.Parse(args)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := testenv.ServeBlobStorage(ctx, *listen, *root); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
 }
 
 // delayProxy is the hidden subcommand the benchmark runs inside the

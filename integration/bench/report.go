@@ -74,7 +74,7 @@ type Run struct {
 	// first requests ran, by operation (Streamer only): what of the
 	// requests' latency went through the layer mounts.
 	RequestFUSE map[string]FUSEUse `json:",omitempty"`
-	// RequestFetch are the range requests the snapshotter made while the
+	// RequestFetch are the range requests the snapshotter completed while the
 	// first requests ran and the compressed bytes it read by cause
 	// (Streamer only): the background work that ran beside them.
 	RequestFetch *FetchUse `json:",omitempty"`

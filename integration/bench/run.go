@@ -876,7 +876,7 @@ type measured struct {
 	// requestFUSE are the FUSE requests served during the first
 	// requests (of every pod).
 	requestFUSE map[string]FUSEUse
-	// requestFetch are the snapshotter's range requests meanwhile.
+	// requestFetch are the range requests the snapshotter completed meanwhile.
 	requestFetch *FetchUse
 	// requestCPU is the CPU time of the node's parts meanwhile.
 	requestCPU *CPUUse

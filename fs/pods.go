@@ -43,6 +43,8 @@ import (
 // startup that keeps the CPU busy for seconds still lets each worker make
 // a run every half second; the budget is whole again once the pods were
 // seen idle), and each after the caller's limit in any case (fgMaxYield).
+// A run whose budget is spent works between its pauses for at most a
+// quarter of the time while the pods stay busy (podDutyRatio).
 // The check of a layer of less than a MiB does not wait.
 // Prefetch and read-ahead runs never wait: they serve the startup itself.
 
@@ -67,6 +69,11 @@ const (
 	// the budgets of runs: a startup waiting a moment on a read does
 	// not give every run its budget back.
 	podIdleSamples = 2
+	// podDutyRatio and podDutyMax: once a run has spent its budget, each
+	// pause while the pods are busy lasts podDutyRatio times the work
+	// since the run's last pause, at most podDutyMax (see podPause).
+	podDutyRatio = 3
+	podDutyMax   = 30 * time.Millisecond
 	// podCheapCheck is the largest layer whose check does not wait: it
 	// hashes in about a millisecond.
 	podCheapCheck = 1 << 20
@@ -271,6 +278,9 @@ type podBudget struct {
 	w    *podWatch
 	left time.Duration
 	idle int64 // the watch's idle stretches when the budget was last drawn on
+	// worked is when the run last came out of podPause: the work since
+	// then sets the next pause once the budget is spent.
+	worked time.Time
 }
 
 type podBudgetKey struct{}
@@ -341,11 +351,22 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 // rather than finishing tens of milliseconds of work meanwhile. It waits
 // while the last sample shows the pods busy, against the budget in ctx
 // (withBudget), and returns at once when ctx carries none.
+//
+// Once the budget is spent, a run still gives way while the pods are
+// busy, by a share of its time rather than all of it: it pauses for
+// podDutyRatio times the work it did since its last pause (at most
+// podDutyMax), so that it takes at most about a quarter of a CPU beside
+// busy pods, in stretches of one chunk's work. Decoding, hashing and
+// writing run several times faster than any registry link delivers, so
+// the link stays busy and completion barely moves; a request arriving
+// meanwhile finds a background run holding a CPU for a chunk's
+// millisecond or two at most, not for the rest of the run.
 func podPause(ctx context.Context) {
 	b, ok := ctx.Value(podBudgetKey{}).(*podBudget)
 	if !ok {
 		return
 	}
+	defer func() { b.worked = time.Now() }()
 	for b.remaining() > 0 {
 		if now, _ := b.w.busy(ctx); !now {
 			return
@@ -359,6 +380,18 @@ func podPause(ctx context.Context) {
 		d := time.Since(start)
 		b.w.waited.Add(int64(d))
 		b.draw(d)
+	}
+	if b.worked.IsZero() {
+		return
+	}
+	if now, _ := b.w.busy(ctx); !now {
+		return
+	}
+	gap := min(podDutyRatio*time.Since(b.worked), podDutyMax)
+	select {
+	case <-ctx.Done():
+	case <-time.After(gap):
+		b.w.waited.Add(int64(gap))
 	}
 }
 

@@ -183,10 +183,11 @@ func (f *fakeCgroup) set(cpus float64) {
 
 // TestPodPause: inside a run, podPause waits while the pods are busy and
 // returns within a few samples of their going idle; pods busy for longer
-// than podBusyCap let the run go on (and its later pauses too), until the
-// pods are seen idle for podIdleSamples samples, which makes the budget
-// whole again; a single idle sample does not. A context with no budget
-// (on-demand and prefetch work) never pauses.
+// than podBusyCap let the run go on, its later pauses lasting a share of
+// the work in between while the pods stay busy (none when they are idle),
+// until the pods are seen idle for podIdleSamples samples, which makes
+// the budget whole again; a single idle sample does not. A context with
+// no budget (on-demand and prefetch work) never pauses.
 func TestPodPause(t *testing.T) {
 	cg := &fakeCgroup{}
 	w := newPodWatch(podWatchOptions{cgroups: []string{"/kubepods"}, share: 0.25, cpus: 2, window: time.Second, read: cg.read})
@@ -231,15 +232,32 @@ func TestPodPause(t *testing.T) {
 		t.Errorf("pods busy all along: paused %v, want about %v", d, podBusyCap)
 	}
 	if d := took(ctx); d > 20*time.Millisecond {
-		t.Errorf("budget spent, pods busy: paused %v again", d)
+		t.Errorf("budget spent, pods busy, no work since the last pause: paused %v again", d)
+	}
+	// Budget spent, pods busy: a pause lasts podDutyRatio times the work
+	// since the last one, at most podDutyMax.
+	time.Sleep(5 * time.Millisecond)
+	if d := took(ctx); d < podDutyRatio*5*time.Millisecond-time.Millisecond || d > podDutyRatio*5*time.Millisecond+25*time.Millisecond {
+		t.Errorf("budget spent, pods busy, 5 ms of work: paused %v, want about %v", d, podDutyRatio*5*time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if d := took(ctx); d < podDutyMax-time.Millisecond || d > podDutyMax+25*time.Millisecond {
+		t.Errorf("budget spent, pods busy, 50 ms of work: paused %v, want %v", d, podDutyMax)
 	}
 	samples(0, 1)
 	samples(2, 2)
-	if d := took(ctx); d > 20*time.Millisecond {
-		t.Errorf("budget spent, one idle sample: paused %v again", d)
+	if d := took(ctx); d > podDutyMax+25*time.Millisecond {
+		t.Errorf("budget spent, one idle sample: paused %v, want no more than a share of the work", d)
+	}
+	cg.set(0)
+	time.Sleep(podSample + 2*time.Millisecond)
+	w.busy(t.Context())
+	time.Sleep(podSample + 2*time.Millisecond)
+	if d := took(ctx); d > 5*time.Millisecond {
+		t.Errorf("budget spent, pods idle: paused %v", d)
 	}
 
-	samples(0, podIdleSamples)
+	samples(0, podIdleSamples+1)
 	samples(2, 2)
 	go func() {
 		time.Sleep(60 * time.Millisecond)

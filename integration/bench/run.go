@@ -1025,10 +1025,8 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 	wg.Wait()
 	reqEnd := monotonic()
 	m.requestCPU = cpuBetween(cpuBefore, sampleCPU(parts))
-	stopPerf()
-	if b.cfg.PerfDir != "" {
-		b.cfg.logf("perf: the first requests ran from %.6f to %.6f (CLOCK_MONOTONIC, perf script's time)", reqStart.Seconds(), reqEnd.Seconds())
-	}
+	// The snapshotter's counters before perf stops: its stop takes
+	// seconds, while the background fetch goes on.
 	if fErr == nil {
 		var fuseAfter map[string]FUSEUse
 		var fetchAfter *FetchUse
@@ -1036,6 +1034,10 @@ func (b *bench) measure(ctx context.Context, n *node, pods []*podRun) (measured,
 			m.requestFUSE = fuseDelta(fuseBefore, fuseAfter)
 			m.requestFetch = fetchDelta(fetchBefore, fetchAfter)
 		}
+	}
+	stopPerf()
+	if b.cfg.PerfDir != "" {
+		b.cfg.logf("perf: the first requests ran from %.6f to %.6f (CLOCK_MONOTONIC, perf script's time)", reqStart.Seconds(), reqEnd.Seconds())
 	}
 	if fErr != nil {
 		b.cfg.logf("warning: FUSE requests and fetches during the first requests not known: %v", fErr)

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/streamer-dev/streamer/internal/testenv"
 )
 
 // Registry is a distribution registry (docker-registry) process on a
@@ -282,7 +284,7 @@ func Tags(root, repo string) []string {
 // URL, blob reads are redirected there (to a testenv.BlobStorage serving
 // root), as registries backed by object storage or a CDN do.
 func RegistryConfig(root, addr string, redirect ...string) string {
-	return fmt.Sprintf(`version: 0.1
+	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: warn
   accesslog:
@@ -295,19 +297,9 @@ storage:
 http:
   addr: %s
   secret: streamer-test-secret
-`, root, addr) + redirectYAML(redirect...)
-}
-
-// redirectYAML is the registry's redirect middleware for a base URL (none
-// for none).
-func redirectYAML(base ...string) string {
-	if len(base) == 0 || base[0] == "" {
-		return ""
+`, root, addr)
+	if len(redirect) > 0 && redirect[0] != "" {
+		cfg += testenv.RedirectYAML(redirect[0])
 	}
-	return fmt.Sprintf(`middleware:
-  storage:
-    - name: redirect
-      options:
-        baseurl: %s
-`, base[0])
+	return cfg
 }

@@ -183,12 +183,7 @@ func Registry(t testing.TB, opts RegistryOptions) *Reg {
 	middleware := ""
 	if opts.RedirectBlobs {
 		r.Storage = StartBlobStorage(t, r.Dir)
-		middleware = fmt.Sprintf(`middleware:
-  storage:
-    - name: redirect
-      options:
-        baseurl: %s
-`, r.Storage.BaseURL)
+		middleware = RedirectYAML(r.Storage.BaseURL)
 	}
 	cfg := fmt.Sprintf(`version: 0.1
 log:
@@ -374,4 +369,16 @@ func tail(path string, n int) string {
 		}
 	}
 	return strings.Join(lines, "\n")
+}
+
+// RedirectYAML is docker-registry's configuration for redirecting blob
+// reads to base (its redirect storage middleware): a BlobStorage serving
+// the registry's storage directory there.
+func RedirectYAML(base string) string {
+	return fmt.Sprintf(`middleware:
+  storage:
+    - name: redirect
+      options:
+        baseurl: %s
+`, base)
 }

@@ -174,9 +174,11 @@ func (c *Client) readRange(ctx context.Context, host, repo string, blob digest.D
 	}
 	defer resp.Body.Close()
 	b, err := rangeBody(resp, off, n)
-	if err == nil && resp.Request.Response != nil {
-		// The registry redirected (to blob storage, a CDN): later reads
-		// of this blob go there directly, saving a round trip each.
+	if err == nil && resp.Request.Response != nil && resp.Request.URL.Host != host {
+		// The registry redirected to blob storage or a CDN: later reads
+		// of this blob go there directly, saving a round trip each. (A
+		// redirect to the registry itself may need the registry's
+		// credentials, which a location is not sent: not remembered.)
 		c.locations.put(key, resp.Request.URL)
 		c.redirects.Add(1)
 	}

@@ -148,3 +148,29 @@ func TestReadRangeLocationTTL(t *testing.T) {
 		t.Errorf("%d redirects in all; want 5 (every read of the client without locations)", n)
 	}
 }
+
+// TestReadRangeSameHostRedirect: a redirect to the registry's own host may
+// need the registry's credentials, which a remembered location is not
+// sent: such a redirect is followed on every read, never remembered.
+func TestReadRangeSameHostRedirect(t *testing.T) {
+	f := newFake(t, false, func(w http.ResponseWriter, r *http.Request, _ int64) bool {
+		if r.URL.Query().Get("storage") == "" {
+			http.Redirect(w, r, r.URL.Path+"?storage=1", http.StatusTemporaryRedirect)
+			return true
+		}
+		return false
+	})
+	c := newClient(t, Options{})
+	for i := range int64(3) {
+		got, err := c.ReadRange(testCtx(t), f.ref, f.dgst, i*100, 100)
+		if err != nil || !bytes.Equal(got, f.blob[i*100:i*100+100]) {
+			t.Fatalf("ReadRange %d: %v", i, err)
+		}
+	}
+	if n := f.blobN.Load(); n != 6 {
+		t.Errorf("%d blob requests for 3 reads; want 6 (a redirect and its target each)", n)
+	}
+	if n := c.Redirects(); n != 0 {
+		t.Errorf("Redirects() = %d; want 0", n)
+	}
+}

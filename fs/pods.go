@@ -44,7 +44,8 @@ import (
 // a run every half second; the budget is whole again once the pods were
 // seen idle), and each after the caller's limit in any case (fgMaxYield).
 // A run whose budget is spent works between its pauses for at most a
-// quarter of the time while the pods stay busy (podDutyRatio).
+// quarter of the time while the pods stay busy (podDutyRatio), as does
+// any run while they were busy recently.
 // The check of a layer of less than a MiB does not wait.
 // Prefetch and read-ahead runs never wait: they serve the startup itself.
 
@@ -356,11 +357,14 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 // busy, by a share of its time rather than all of it: it pauses for
 // podDutyRatio times the work it did since its last pause (at most
 // podDutyMax), so that it takes at most about a quarter of a CPU beside
-// busy pods, in stretches of one chunk's work. Decoding, hashing and
-// writing run several times faster than any registry link delivers, so
-// the link stays busy and completion barely moves; a request arriving
-// meanwhile finds a background run holding a CPU for a chunk's
-// millisecond or two at most, not for the rest of the run.
+// busy pods, in stretches of one chunk's work. It does so too while the
+// pods were busy recently (their average over the share) though not in
+// the last sample: right after a startup, when a service gets its first
+// requests, a sample shows them only up to podSample late. Decoding,
+// hashing and writing run several times faster than any registry link
+// delivers, so the link stays busy and completion barely moves; a
+// request arriving meanwhile finds a background run holding a CPU for a
+// chunk's millisecond or two at most, not for the rest of the run.
 func podPause(ctx context.Context) {
 	b, ok := ctx.Value(podBudgetKey{}).(*podBudget)
 	if !ok {
@@ -369,7 +373,7 @@ func podPause(ctx context.Context) {
 	defer func() { b.worked = time.Now() }()
 	for b.remaining() > 0 {
 		if now, _ := b.w.busy(ctx); !now {
-			return
+			break
 		}
 		start := time.Now()
 		select {
@@ -384,7 +388,7 @@ func podPause(ctx context.Context) {
 	if b.worked.IsZero() {
 		return
 	}
-	if now, _ := b.w.busy(ctx); !now {
+	if _, hold := b.w.busy(ctx); !hold {
 		return
 	}
 	gap := min(podDutyRatio*time.Since(b.worked), podDutyMax)

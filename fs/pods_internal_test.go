@@ -184,7 +184,8 @@ func (f *fakeCgroup) set(cpus float64) {
 // TestPodPause: inside a run, podPause waits while the pods are busy and
 // returns within a few samples of their going idle; pods busy for longer
 // than podBusyCap let the run go on, its later pauses lasting a share of
-// the work in between while the pods stay busy (none when they are idle),
+// the work in between while the pods stay busy or were busy recently (none
+// once they are idle on average too),
 // until the pods are seen idle for podIdleSamples samples, which makes
 // the budget whole again; a single idle sample does not. A context with
 // no budget (on-demand and prefetch work) never pauses.
@@ -249,12 +250,24 @@ func TestPodPause(t *testing.T) {
 	if d := took(ctx); d > podDutyMax+25*time.Millisecond {
 		t.Errorf("budget spent, one idle sample: paused %v, want no more than a share of the work", d)
 	}
-	cg.set(0)
-	time.Sleep(podSample + 2*time.Millisecond)
-	w.busy(t.Context())
-	time.Sleep(podSample + 2*time.Millisecond)
+	// Idle in the last sample but busy on average (recently): still a
+	// share of the work; idle on average too: none.
+	samples(0, 2)
+	time.Sleep(5 * time.Millisecond)
+	if d := took(ctx); d < podDutyRatio*5*time.Millisecond-time.Millisecond || d > podDutyMax+25*time.Millisecond {
+		t.Errorf("budget spent, pods idle in the last sample after a busy stretch: paused %v, want about %v", d, podDutyRatio*5*time.Millisecond)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; samples(0, 5) {
+		if _, hold := w.busy(t.Context()); !hold {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pods' average stayed over the share through 5 s of idle samples")
+		}
+	}
+	time.Sleep(5 * time.Millisecond)
 	if d := took(ctx); d > 5*time.Millisecond {
-		t.Errorf("budget spent, pods idle: paused %v", d)
+		t.Errorf("budget spent, pods idle, on average too: paused %v", d)
 	}
 
 	samples(0, podIdleSamples+1)

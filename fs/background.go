@@ -473,8 +473,9 @@ type prefetchRun struct {
 // requests, for the chunks of each listed file, or of the parts of it the
 // list gives (its startup read only those: the rest of a large file, a
 // JVM's modules image, comes with the background fetch). A startup reads
-// hundreds of small files one after another; fetched one request per file, that is one round trip per file, which
-// costs more than the bytes over a link of tens of milliseconds. So the
+// hundreds of small files one after another; fetched one request per
+// file, that is one round trip per file, which costs more than the bytes
+// over a link of tens of milliseconds. So the
 // chunks of every listed file are taken in blob order and merged into runs
 // of up to maxCoalesce compressed bytes, bridging gaps of up to gap bytes
 // of unlisted chunks (bytes the background fetch would bring anyway; one

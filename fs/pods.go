@@ -370,11 +370,10 @@ func podPause(ctx context.Context) {
 	if !ok {
 		return
 	}
+	work := time.Since(b.worked) // since the last pause, not counting this one's waits
 	defer func() { b.worked = time.Now() }()
-	for b.remaining() > 0 {
-		if now, _ := b.w.busy(ctx); !now {
-			break
-		}
+	now, hold := b.w.busy(ctx)
+	for now && b.remaining() > 0 {
 		start := time.Now()
 		select {
 		case <-ctx.Done():
@@ -384,14 +383,12 @@ func podPause(ctx context.Context) {
 		d := time.Since(start)
 		b.w.waited.Add(int64(d))
 		b.draw(d)
+		now, hold = b.w.busy(ctx)
 	}
-	if b.worked.IsZero() {
+	if b.worked.IsZero() || !hold {
 		return
 	}
-	if _, hold := b.w.busy(ctx); !hold {
-		return
-	}
-	gap := min(podDutyRatio*time.Since(b.worked), podDutyMax)
+	gap := min(podDutyRatio*work, podDutyMax)
 	select {
 	case <-ctx.Done():
 	case <-time.After(gap):

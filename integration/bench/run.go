@@ -66,6 +66,17 @@ type Config struct {
 	// requests. It slows a full pull's download too when the CPUs are
 	// busy, so runs with it compare only with each other.
 	RegistryNice int
+	// FlatCgroups leaves every process the bench starts in the cgroup it
+	// was started in (the root one, from a shell), as runs before
+	// 2026-12-01 did. Otherwise the CPU controller is laid out as on a
+	// kubelet node (harness.NewNodeCPU): pods under kubepods with 1024
+	// shares per CPU, containerd and the snapshotter in a group of their
+	// own as in system.slice, the registry side in another.
+	FlatCgroups bool
+	// Blocks runs the modes one after another, every run of one before
+	// the next starts (as runs before 2026-12-01 did), instead of side by
+	// side with their runs alternating.
+	Blocks bool
 	// WholeFiles drops the byte ranges of the recorded prefetch lists:
 	// every listed file is prefetched (and pushed) whole, as lists were
 	// before they carried ranges.
@@ -148,6 +159,21 @@ type bench struct {
 	prefNA  string // why prefetch cells are not measured
 	// regPIDs are the registry's and the delay proxy's processes.
 	regPIDs []int
+	// cpu is the kubelet-like CPU layout (nil with Config.FlatCgroups).
+	cpu *harness.NodeCPU
+}
+
+// group is the CPU group of the node's daemons (system) or of the
+// registry side (remote); nil without a layout.
+func (b *bench) group(remote bool) *harness.CPUGroup {
+	switch {
+	case b.cpu == nil:
+		return nil
+	case remote:
+		return b.cpu.Remote
+	default:
+		return b.cpu.System
+	}
 }
 
 type benchImage struct {
@@ -180,6 +206,11 @@ func RunBenchmark(ctx context.Context, r *harness.Runner, cfg Config) (*Report, 
 		}
 		b.images = append(b.images, benchImage{recipe: rc, built: built})
 	}
+	if !cfg.FlatCgroups {
+		if b.cpu, err = harness.NewNodeCPU(r, fmt.Sprintf("streamer-bench-%d", cfg.LinkID)); err != nil {
+			return nil, fmt.Errorf("lay the CPU controller out as a kubelet node's (-flat-cgroups does without): %w", err)
+		}
+	}
 	if err := b.startRegistry(ctx); err != nil {
 		return nil, err
 	}
@@ -202,14 +233,26 @@ func RunBenchmark(ctx context.Context, r *harness.Runner, cfg Config) (*Report, 
 	} else {
 		b.report.Notes = append(b.report.Notes, "The registry served blob reads itself (-registry-serves-blobs): docker-registry reads each range request's blob through a new 4 MiB buffer.")
 	}
+	if b.cpu != nil {
+		b.report.Notes = append(b.report.Notes, "CPU groups as on a kubelet node ("+b.cpu.Shares+"); the bench's own client stays in the root cgroup. -flat-cgroups leaves every process in the root cgroup, as runs before 2026-12-01 did, where each daemon thread weighed as much as all pods together.")
+	} else {
+		b.report.Notes = append(b.report.Notes, "Every process in the root cgroup (-flat-cgroups): each thread of containerd, the snapshotter and the registry side weighed as much as all pods together.")
+	}
 	if cfg.RegistryNice > 0 {
 		b.report.Notes = append(b.report.Notes, fmt.Sprintf("The registry and the delay proxy ran at nice %d (-registry-nice): these figures compare only with runs made the same way.", cfg.RegistryNice))
 	}
 	if err := b.probe(ctx); err != nil {
 		return b.report, err
 	}
-	for _, m := range cfg.Modes {
-		if err := b.runMode(ctx, m); err != nil {
+	groups := [][]Mode{cfg.Modes}
+	if cfg.Blocks {
+		groups = nil
+		for _, m := range cfg.Modes {
+			groups = append(groups, []Mode{m})
+		}
+	}
+	for _, g := range groups {
+		if err := b.runModes(ctx, g); err != nil {
 			return b.report, err
 		}
 	}
@@ -293,6 +336,9 @@ func (b *bench) startRemote(ctx context.Context, what, log string, argv []string
 	}
 	b.r.Cleanup(func() { p.Stop(5 * time.Second) })
 	b.regPIDs = append(b.regPIDs, p.PID())
+	if err := b.group(true).Add(p.PID()); err != nil {
+		return err
+	}
 	if err := harness.WaitFor(ctx, p, what+" in "+b.link.NS, func(ctx context.Context) error {
 		_, err := httpStatus(ctx, u)
 		return err
@@ -438,47 +484,66 @@ type node struct {
 	cacheSeq     int
 }
 
-// runMode starts a node for mode m and measures every cell of it.
-func (b *bench) runMode(ctx context.Context, m Mode) error {
-	if m == ModePrefetch && b.prefNA == "" {
-		if err := b.convertPrefetch(ctx); err != nil {
-			return err
+// runModes starts a node for each of modes, side by side, and measures
+// every cell of them: each image's runs alternate between the modes (run 1
+// of each, then run 2 of each, ...), so that whatever drifts on the machine
+// over minutes lands on every mode alike instead of on the ratio between
+// them. A run makes only its own node cold; the others are idle then (no
+// pod, their layers complete).
+func (b *bench) runModes(ctx context.Context, modes []Mode) error {
+	var run []Mode
+	for _, m := range modes {
+		if m == ModePrefetch && b.prefNA == "" {
+			if err := b.convertPrefetch(ctx); err != nil {
+				return err
+			}
 		}
+		if m == ModePrefetch && b.prefNA != "" {
+			b.cfg.logf("mode %s: skipped: %s", m, b.prefNA)
+			for _, im := range b.images {
+				b.addCell(Cell{Image: shortName(im), Mode: m, Scenario: ScenarioOne, NA: b.prefNA})
+			}
+			continue
+		}
+		run = append(run, m)
 	}
-	if m == ModePrefetch && b.prefNA != "" {
-		b.cfg.logf("mode %s: skipped: %s", m, b.prefNA)
-		for _, im := range b.images {
-			b.addCell(Cell{Image: shortName(im), Mode: m, Scenario: ScenarioOne, NA: b.prefNA})
-		}
+	if len(run) == 0 {
 		return nil
 	}
 	sub := &harness.Runner{Log: b.r.Log}
-	b.r.Cleanup(sub.RunCleanups) // Ctrl-C while this mode runs
+	b.r.Cleanup(sub.RunCleanups) // Ctrl-C while these modes run
 	return sub.Run(func() error {
-		n, err := b.startNode(ctx, sub, m, true)
-		if err != nil {
-			return err
+		nodes := make([]*node, len(run))
+		for i, m := range run {
+			var err error
+			if nodes[i], err = b.startNode(ctx, sub, m, true); err != nil {
+				return err
+			}
 		}
 		for _, im := range b.images {
-			if err := b.cellOne(ctx, n, im); err != nil {
+			if err := b.cellOne(ctx, nodes, im); err != nil {
 				return err
 			}
-			if m == ModeFull {
-				if err := b.localStart(ctx, n, im); err != nil {
-					return err
+			for _, n := range nodes {
+				if n.mode == ModeFull {
+					if err := b.localStart(ctx, n, im); err != nil {
+						return err
+					}
 				}
 			}
 		}
-		if b.cfg.Pods > 1 {
-			for _, im := range b.images {
-				if err := b.cellScale(ctx, n, []benchImage{im}, b.cfg.Pods, ScenarioPods(b.cfg.Pods)); err != nil {
-					return err
+		for _, n := range nodes {
+			if b.cfg.Pods > 1 {
+				for _, im := range b.images {
+					if err := b.cellScale(ctx, n, []benchImage{im}, b.cfg.Pods, ScenarioPods(b.cfg.Pods)); err != nil {
+						return err
+					}
 				}
 			}
-		}
-		if b.cfg.Mix && len(b.images) >= 3 {
-			if err := b.cellScale(ctx, n, b.images[:3], 1, ScenarioMix); err != nil {
-				return err
+			if b.cfg.Mix && len(b.images) >= 3 {
+				if err := b.cellScale(ctx, n, b.images[:3], 1, ScenarioMix); err != nil {
+					return err
+				}
 			}
 		}
 		return nil
@@ -506,6 +571,7 @@ func (b *bench) startNode(ctx context.Context, r *harness.Runner, m Mode, backgr
 		Dir:          filepath.Join(n.dir, "c"),
 		SandboxImage: b.pause,
 		Mirrors:      map[string]string{b.host: "http://" + b.host},
+		CPUGroup:     b.group(false),
 	}
 	if m != ModeFull {
 		n.snapshotter = "streamer"
@@ -521,7 +587,7 @@ func (b *bench) startNode(ctx context.Context, r *harness.Runner, m Mode, backgr
 			return nil, err
 		}
 		n.waitComplete = background && b.cfg.CompleteTimeout > 0
-		n.sn = harness.StartSnapshotter(r, harness.SnapshotterOptions{Binary: b.bins.Snapshotter, Dir: filepath.Join(n.dir, "s"), Config: cfg, LogLevel: "info"})
+		n.sn = harness.StartSnapshotter(r, harness.SnapshotterOptions{Binary: b.bins.Snapshotter, Dir: filepath.Join(n.dir, "s"), Config: cfg, LogLevel: "info", CPUGroup: b.group(false)})
 		if b.cfg.OutDir != "" {
 			// Registered after the daemon's own cleanup, so it runs first:
 			// the log is kept with the results before the temp dir goes.
@@ -1176,27 +1242,36 @@ func (b *bench) completePoll(n *node, pods []*podRun) CompletePoll {
 	}
 }
 
-// cellOne measures one pod of im, Runs times.
-func (b *bench) cellOne(ctx context.Context, n *node, im benchImage) error {
-	c := Cell{Image: shortName(im), Mode: n.mode, Scenario: ScenarioOne}
-	ref := n.refOf(im)
-	if ref == "" {
-		c.NA = "no prefetch list recorded for this image"
-		b.addCell(c)
-		return nil
+// cellOne measures one pod of im Runs times on each of nodes, their runs
+// alternating.
+func (b *bench) cellOne(ctx context.Context, nodes []*node, im benchImage) error {
+	cells := make([]*Cell, len(nodes))
+	for j, n := range nodes {
+		cells[j] = &Cell{Image: shortName(im), Mode: n.mode, Scenario: ScenarioOne}
+		if n.refOf(im) == "" {
+			cells[j].NA = "no prefetch list recorded for this image"
+		}
 	}
 	for i := 0; i < b.cfg.Runs; i++ {
-		p := &podRun{im: im, ref: ref}
-		m, err := b.measure(ctx, n, []*podRun{p})
-		if err != nil {
-			return fmt.Errorf("%s, %s, run %d: %w", c.Image, n.mode, i+1, err)
+		for j, n := range nodes {
+			c := cells[j]
+			if c.NA != "" {
+				continue
+			}
+			p := &podRun{im: im, ref: n.refOf(im)}
+			m, err := b.measure(ctx, n, []*podRun{p})
+			if err != nil {
+				return fmt.Errorf("%s, %s, run %d: %w", c.Image, n.mode, i+1, err)
+			}
+			run := m.run()
+			run.Pull, run.Ready, run.FirstRequests = p.pull, p.ready, p.first
+			c.Runs = append(c.Runs, run)
+			b.progress(*c, i, run, cells...)
 		}
-		run := m.run()
-		run.Pull, run.Ready, run.FirstRequests = p.pull, p.ready, p.first
-		c.Runs = append(c.Runs, run)
-		b.progress(c, i, run)
 	}
-	b.addCell(c)
+	for _, c := range cells {
+		b.addCell(*c)
+	}
 	return nil
 }
 
@@ -1206,7 +1281,10 @@ func (m measured) run() Run {
 		Complete: m.complete, CompleteBytes: m.completeBytes, NotComplete: m.notComplete, RequestFUSE: m.requestFUSE, RequestFetch: m.requestFetch, RequestCPU: m.requestCPU}
 }
 
-func (b *bench) progress(c Cell, i int, r Run) {
+// progress prints run i of c; a full-pull cell among peers (measured
+// alongside, not in the report yet) or else in the report is what its
+// completion is compared with.
+func (b *bench) progress(c Cell, i int, r Run, peers ...*Cell) {
 	extra := ""
 	if r.StartupBytes >= 0 {
 		extra = fmt.Sprintf(", %s on demand", FmtBytes(r.StartupBytes))
@@ -1225,6 +1303,11 @@ func (b *bench) progress(c Cell, i int, r Run) {
 	b.mu.Lock()
 	full, _ := b.report.cell(c.Image, ModeFull, c.Scenario)
 	b.mu.Unlock()
+	for _, p := range peers {
+		if p.Mode == ModeFull && p.Image == c.Image && p.Scenario == c.Scenario {
+			full = *p
+		}
+	}
 	if line := CompleteLine(r, c.Mode, full); line != "" {
 		b.cfg.logf("[%s | %s | %s] run %d/%d: %s", c.Image, c.Mode, c.Scenario, i+1, b.cfg.Runs, line)
 	}

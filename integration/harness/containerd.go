@@ -38,6 +38,9 @@ type ContainerdOptions struct {
 	// Shim is the runc shim (containerd-shim-runc-v2) the CRI runtime
 	// "runc" runs; empty: the one containerd finds on PATH.
 	Shim string
+	// CPUGroup, when set, is the cgroup containerd and its shims run in
+	// (NodeCPU.System).
+	CPUGroup *CPUGroup
 }
 
 // EnvContainerd names the containerd executable StartContainerd runs when
@@ -52,10 +55,11 @@ type Containerd struct {
 	ConfigPath string
 	// Binary is the executable started; Version is the version its CRI
 	// API reports (e.g. "1.6.20~ds1", "1.7.35").
-	Binary  string
-	Version string
-	proc    *Process
-	dir     string
+	Binary   string
+	Version  string
+	proc     *Process
+	dir      string
+	cpuGroup *CPUGroup
 }
 
 // DefaultContainerdConfig is the node configuration the harness uses when
@@ -182,10 +186,11 @@ func GetPath(m map[string]any, path ...string) (any, bool) {
 func StartContainerd(t TB, o ContainerdOptions) *Containerd {
 	t.Helper()
 	c := &Containerd{
-		Address: filepath.Join(o.Dir, "c.sock"),
-		Root:    filepath.Join(o.Dir, "root"),
-		State:   filepath.Join(o.Dir, "state"),
-		dir:     o.Dir,
+		Address:  filepath.Join(o.Dir, "c.sock"),
+		Root:     filepath.Join(o.Dir, "root"),
+		State:    filepath.Join(o.Dir, "state"),
+		dir:      o.Dir,
+		cpuGroup: o.CPUGroup,
 	}
 	if len(c.Address) > 100 {
 		t.Fatalf("containerd socket path too long: %s", c.Address)
@@ -213,6 +218,9 @@ func StartContainerd(t TB, o ContainerdOptions) *Containerd {
 		t.Fatalf("%v", err)
 	}
 	t.Cleanup(func() { c.shutdown(t) })
+	if err := o.CPUGroup.Add(c.proc.PID()); err != nil {
+		t.Fatalf("%v", err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := c.waitCRI(ctx); err != nil {

@@ -139,7 +139,8 @@ func (p *Pod) Remove(ctx context.Context) error {
 
 // removePodCgroup removes a pod's cgroup, which runc created with its
 // first container and leaves (kubelet removes it), in every hierarchy,
-// and its parents up to kubepods when they are empty.
+// and its parents up to kubepods when they are empty (but not those
+// NodeCPU keeps).
 func removePodCgroup(parent string) {
 	if parent == "" {
 		return
@@ -148,6 +149,9 @@ func removePodCgroup(parent string) {
 	roots = append(roots, "/sys/fs/cgroup")
 	for _, r := range roots {
 		for d := parent; d != "/" && d != "."; d = filepath.Dir(d) {
+			if _, kept := keptCgroups.Load(filepath.Join(r, d)); kept {
+				break // NodeCPU's, with its shares
+			}
 			if err := os.Remove(filepath.Join(r, d)); err != nil {
 				break // not there, or still holding others' cgroups
 			}

@@ -44,6 +44,9 @@ func (c *Containerd) Start() error {
 		return err
 	}
 	c.proc = proc
+	if err := c.cpuGroup.Add(proc.PID()); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if err := c.waitCRI(ctx); err != nil {

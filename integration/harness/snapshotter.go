@@ -94,6 +94,8 @@ type SnapshotterOptions struct {
 	Config string
 	// LogLevel defaults to debug.
 	LogLevel string
+	// CPUGroup, when set, is the cgroup the daemon runs in (NodeCPU.System).
+	CPUGroup *CPUGroup
 }
 
 // Snapshotter is a streamer-snapshotter daemon started for a test.
@@ -151,6 +153,10 @@ func (s *Snapshotter) Start() error {
 	s.proc, err = StartProcess(s.opts.Binary, s.LogPath,
 		"--config", s.ConfigPath, "--root", s.Root, "--address", s.Address, "--log-level", s.opts.LogLevel)
 	if err != nil {
+		return err
+	}
+	if err := s.opts.CPUGroup.Add(s.proc.PID()); err != nil {
+		s.proc.Kill()
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

@@ -57,6 +57,8 @@ func run(r *harness.Runner) error {
 		afterComplete = flag.Bool("requests-after-complete", false, "Streamer runs send the first requests once every layer is complete instead of right after readiness (tells the cost of the fetch still running from that of the data path)")
 		perfDir       = flag.String("perf", "", "record the whole machine with perf (perf record -a -g) from each run's start to the end of its first requests, one file per run in this directory; the run's line gives the requests' window in perf's clock: for looking into what ran beside the pods, not for comparing (perf's own work shows in the figures)")
 		registryNice  = flag.Int("registry-nice", 0, "run the registry and the delay proxy at this nice value (1-19): on the bench machine they share the node's CPUs, where a real registry is elsewhere; runs with it compare only with each other")
+		flatCgroups   = flag.Bool("flat-cgroups", false, "leave every process in the root cgroup, as runs before 2026-12-01 did, instead of the CPU groups of a kubelet node (pods under kubepods at 1024 shares per CPU; containerd and the snapshotter in a group as in system.slice; the registry side in another)")
+		blocks        = flag.Bool("blocks", false, "run the modes one after another, each with its own containerd, as runs before 2026-12-01 did, instead of side by side with each image's runs alternating between them")
 		registryBlobs = flag.Bool("registry-serves-blobs", false, "the registry serves blob reads itself instead of redirecting them to blob storage beside it (as registries backed by object storage or a CDN do); docker-registry reads every range request's blob through a new 4 MiB buffer")
 		wholeFiles    = flag.Bool("whole-files", false, "prefetch lists name whole files, without the byte ranges the startup read (as lists were before they carried ranges)")
 		complete      = flag.Duration("complete-timeout", 10*time.Minute, "how long a Streamer run waits after readiness for every layer to be complete (fetched and verified) before it records the run as not complete; 0 does not wait")
@@ -157,7 +159,7 @@ func run(r *harness.Runner) error {
 	rep, err := bench.RunBenchmark(ctx, r, bench.Config{
 		CacheDir: *cache, OutDir: *out, Recipes: recipes, Profile: p, Runs: *runs,
 		Pods: *pods, Mix: *mix && !*quick, Modes: ms, LinkID: *linkID, CompleteTimeout: *complete,
-		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir, WholeFiles: *wholeFiles, RegistryNice: *registryNice,
+		RequestsAfterComplete: *afterComplete, PerfDir: *perfDir, WholeFiles: *wholeFiles, RegistryNice: *registryNice, FlatCgroups: *flatCgroups, Blocks: *blocks,
 		DelayProxy: []string{self, "delay-proxy"}, BlobStorage: blobStorage, Logf: logf,
 	})
 	if rep != nil && len(rep.Cells) > 0 {

@@ -43,9 +43,9 @@ import (
 // startup that keeps the CPU busy for seconds still lets each worker make
 // a run every half second; the budget is whole again once the pods were
 // seen idle), and each after the caller's limit in any case (fgMaxYield).
-// A run whose budget is spent works between its pauses for at most a
-// quarter of the time while the pods stay busy (podDutyRatio), as does
-// any run while they were busy recently.
+// Runs whose budget is spent work between their pauses, all of them
+// together, for about a third of a CPU while the pods stay busy
+// (podDutyRatio), as do all runs while they were busy recently.
 // The check of a layer of less than a MiB does not wait.
 // Prefetch and read-ahead runs never wait: they serve the startup itself.
 
@@ -112,6 +112,12 @@ type podWatch struct {
 	average   float64 // CPUs, exponential over opts.window
 
 	waited atomic.Int64 // nanoseconds background work waited for the pods
+
+	// dutyAt is when the pauses of runs whose budget is spent end, all
+	// runs' pauses laid end to end (podPause): their share of the CPU is
+	// the node's, not each run's.
+	dutyMu sync.Mutex
+	dutyAt time.Time
 	idle   atomic.Int64 // stretches of podIdleSamples idle samples seen
 	idleN  int          // idle samples in a row
 }
@@ -356,8 +362,10 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 // Once the budget is spent, a run still gives way while the pods are
 // busy, by a share of its time rather than all of it: it pauses for
 // podDutyRatio times the work it did since its last pause (at most
-// podDutyMax), so that it takes at most about a quarter of a CPU beside
-// busy pods, in stretches of one chunk's work. It does so too while the
+// podDutyMax), after the pauses other runs booked before it (dutyAfter),
+// so that background runs together take about a third of a CPU at most
+// beside busy pods, in stretches of one chunk's work; a pause ends early
+// once the pods are no longer busy. It does so too while the
 // pods were busy recently (their average over the share) though not in
 // the last sample: right after a startup, when a service gets its first
 // requests, a sample shows them only up to podSample late. Decoding,
@@ -388,12 +396,47 @@ func podPause(ctx context.Context) {
 	if b.worked.IsZero() || !hold {
 		return
 	}
-	gap := min(podDutyRatio*work, podDutyMax)
-	select {
-	case <-ctx.Done():
-	case <-time.After(gap):
-		b.w.waited.Add(int64(gap))
+	until := b.w.dutyAfter(time.Now(), min(podDutyRatio*work, podDutyMax))
+	for {
+		d := time.Until(until)
+		if d <= 0 {
+			return
+		}
+		start := time.Now()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(min(d, 5*time.Millisecond)):
+		}
+		b.w.waited.Add(int64(time.Since(start)))
+		if _, hold = b.w.busy(ctx); !hold {
+			b.w.dutyReset()
+			return
+		}
 	}
+}
+
+// dutyAfter books a pause of d for a run that worked until now, after the
+// pauses already booked by other runs, and returns when it ends. Laid end
+// to end, the pauses keep all background runs together to about
+// 1/podDutyRatio of a CPU, however many there are (fetch.
+// background_concurrency of them per registry host, several hosts): each
+// run's own ratio would let four runs take a whole CPU.
+func (w *podWatch) dutyAfter(now time.Time, d time.Duration) time.Time {
+	w.dutyMu.Lock()
+	defer w.dutyMu.Unlock()
+	if w.dutyAt.Before(now) {
+		w.dutyAt = now
+	}
+	w.dutyAt = w.dutyAt.Add(d)
+	return w.dutyAt
+}
+
+// dutyReset forgets the booked pauses once the pods are no longer busy.
+func (w *podWatch) dutyReset() {
+	w.dutyMu.Lock()
+	w.dutyAt = time.Time{}
+	w.dutyMu.Unlock()
 }
 
 // waitedFor is how long background work has waited for the pods, summed

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -278,5 +279,42 @@ func TestPodPause(t *testing.T) {
 	}()
 	if d := took(ctx); d < 50*time.Millisecond {
 		t.Errorf("pods seen idle since the budget was spent, busy again: paused %v, want a pause until they are idle", d)
+	}
+}
+
+// TestPodPauseShared: the pauses of runs whose budget is spent are laid end
+// to end, so that four runs working at once beside busy pods take the
+// CPU share of one: after 5 ms of work each, their pauses end about 15,
+// 30, 45 and 60 ms later, not all after 15 ms.
+func TestPodPauseShared(t *testing.T) {
+	cg := &fakeCgroup{}
+	w := newPodWatch(podWatchOptions{cgroups: []string{"/kubepods"}, share: 0.25, cpus: 2, window: time.Second, read: cg.read})
+	cg.set(2)
+	for range 3 {
+		time.Sleep(podSample + 2*time.Millisecond)
+		w.busy(t.Context())
+	}
+	const runs = 4
+	pauses := make([]time.Duration, runs)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range runs {
+		b := &podBudget{w: w, left: 0, idle: w.idle.Load(), worked: start.Add(-5 * time.Millisecond)}
+		ctx := context.WithValue(t.Context(), podBudgetKey{}, b)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			podPause(ctx)
+			pauses[i] = time.Since(start)
+		}()
+	}
+	wg.Wait()
+	slices.Sort(pauses)
+	want := runs * podDutyRatio * 5 * time.Millisecond
+	if last := pauses[runs-1]; last < want-5*time.Millisecond || last > want+40*time.Millisecond {
+		t.Errorf("four runs, 5 ms of work each, pods busy: the last pause ended after %v, want about %v (pauses %v)", last, want, pauses)
+	}
+	if first := pauses[0]; first > podDutyRatio*5*time.Millisecond+15*time.Millisecond {
+		t.Errorf("the first run's pause ended after %v, want about %v", first, podDutyRatio*5*time.Millisecond)
 	}
 }

@@ -49,9 +49,14 @@ type NodeCPU struct {
 	// system.slice.
 	System *CPUGroup
 	// Remote holds what runs on this machine only for want of another one
-	// (a benchmark's registry and link): one group at the same default
-	// weight, so that its many threads count as one other machine's
-	// slice, not each as much as the pods.
+	// (a benchmark's registry, its storage and the link's delay proxies):
+	// one group at the lowest weight (cpu.shares 2), so that it runs on
+	// what CPU the node leaves idle and takes from the node's own work
+	// only a sliver when the CPUs are busy, as a registry on another
+	// machine takes nothing. When the pods keep both CPUs busy it is
+	// served last, which can slow what the node fetches meanwhile: that
+	// costs a lazy start, never a full pull (whose download ends before
+	// its container starts).
 	Remote *CPUGroup
 	// Pods is kubepods's directory, for reports.
 	Pods string
@@ -98,7 +103,7 @@ func sharesToWeight(shares int) int {
 
 // NewNodeCPU lays the CPU controller out as a kubelet node's: kubepods
 // (the parent of PodsCgroup) with cpu.shares 1024 per CPU of this machine,
-// kubepods/besteffort with 2, and System and Remote at 1024 (cpu.weight
+// kubepods/besteffort with 2, System at 1024 and Remote at 2 (cpu.weight
 // converted on cgroup v2). The groups it made are removed on cleanup
 // (their processes moved back to the root first); pods' cgroups under
 // kubepods are still removed with their pods, but kubepods and besteffort
@@ -161,7 +166,7 @@ func newNodeCPU(t TB, prefix, podsCgroup string) (*NodeCPU, error) {
 	if err != nil {
 		return nil, err
 	}
-	remote, err := group(prefix+"-remote", 1024)
+	remote, err := group(prefix+"-remote", 2)
 	if err != nil {
 		return nil, err
 	}
@@ -173,6 +178,6 @@ func newNodeCPU(t TB, prefix, podsCgroup string) (*NodeCPU, error) {
 		System: &CPUGroup{Name: "system", dir: sys},
 		Remote: &CPUGroup{Name: "remote", dir: remote},
 		Pods:   pods,
-		Shares: fmt.Sprintf("%s: pods (kubepods) %d, BestEffort within them 2, containerd and the snapshotter 1024, registry side 1024", unit, podShares),
+		Shares: fmt.Sprintf("%s: pods (kubepods) %d, BestEffort within them 2, containerd and the snapshotter 1024, registry side 2", unit, podShares),
 	}, nil
 }

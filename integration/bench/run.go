@@ -233,6 +233,13 @@ func RunBenchmark(ctx context.Context, r *harness.Runner, cfg Config) (*Report, 
 	} else {
 		b.report.Notes = append(b.report.Notes, "The registry served blob reads itself (-registry-serves-blobs): docker-registry reads each range request's blob through a new 4 MiB buffer.")
 	}
+	if len(cfg.Modes) > 1 {
+		if cfg.Blocks {
+			b.report.Notes = append(b.report.Notes, "The modes ran one after another, every run of one before the next (-blocks).")
+		} else {
+			b.report.Notes = append(b.report.Notes, "The modes' nodes ran side by side, each image's runs alternating between them (run 1 of every mode, then run 2, ...).")
+		}
+	}
 	if b.cpu != nil {
 		b.report.Notes = append(b.report.Notes, "CPU groups as on a kubelet node ("+b.cpu.Shares+"); the bench's own client stays in the root cgroup. -flat-cgroups leaves every process in the root cgroup, as runs before 2026-12-01 did, where each daemon thread weighed as much as all pods together.")
 	} else {

@@ -496,7 +496,8 @@ type node struct {
 // of each, then run 2 of each, ...), so that whatever drifts on the machine
 // over minutes lands on every mode alike instead of on the ratio between
 // them. A run makes only its own node cold; the others are idle then (no
-// pod, their layers complete).
+// pod, their layers complete). The scenarios of several pods at once
+// follow, node after node.
 func (b *bench) runModes(ctx context.Context, modes []Mode) error {
 	var run []Mode
 	for _, m := range modes {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,8 +28,7 @@ var keptCgroups sync.Map
 // CPUGroup is a cgroup of the CPU controller that processes can be moved
 // into.
 type CPUGroup struct {
-	Name string
-	dir  string
+	dir string
 }
 
 // Add moves every thread of pid into the group; the process's children
@@ -58,8 +58,6 @@ type NodeCPU struct {
 	// costs a lazy start, never a full pull (whose download ends before
 	// its container starts).
 	Remote *CPUGroup
-	// Pods is kubepods's directory, for reports.
-	Pods string
 	// Shares says what was set, for reports.
 	Shares string
 }
@@ -79,11 +77,11 @@ func cpuRoot() (root string, v2 bool, err error) {
 		if err != nil {
 			continue
 		}
-		if strings.Contains(" "+strings.TrimSpace(string(data))+" ", " cpu ") {
+		if slices.Contains(strings.Fields(string(data)), "cpu") {
 			return d, true, nil
 		}
 		// Enable it for the children, as systemd does on a v2 node.
-		if ctrl, err := os.ReadFile(filepath.Join(d, "cgroup.controllers")); err == nil && strings.Contains(" "+strings.TrimSpace(string(ctrl))+" ", " cpu ") {
+		if ctrl, err := os.ReadFile(filepath.Join(d, "cgroup.controllers")); err == nil && slices.Contains(strings.Fields(string(ctrl)), "cpu") {
 			if err := os.WriteFile(filepath.Join(d, "cgroup.subtree_control"), []byte("+cpu"), 0o644); err == nil {
 				return d, true, nil
 			}
@@ -175,9 +173,8 @@ func newNodeCPU(t TB, prefix, podsCgroup string) (*NodeCPU, error) {
 		unit = "cpu.weight (from cpu.shares as kubelet converts them)"
 	}
 	return &NodeCPU{
-		System: &CPUGroup{Name: "system", dir: sys},
-		Remote: &CPUGroup{Name: "remote", dir: remote},
-		Pods:   pods,
+		System: &CPUGroup{dir: sys},
+		Remote: &CPUGroup{dir: remote},
 		Shares: fmt.Sprintf("%s: pods (kubepods) %d, BestEffort within them 2, containerd and the snapshotter 1024, registry side 2", unit, podShares),
 	}, nil
 }

@@ -119,22 +119,44 @@ func (v *verifyReader) Close() error { return v.rc.Close() }
 // bearer token, once held for the repository's pull scope, is sent without
 // a challenge round trip.
 func (c *Client) ReadRange(ctx context.Context, ref Ref, blob digest.Digest, off, n int64) ([]byte, error) {
-	if off < 0 || n < 0 || n > MaxRangeBytes {
+	if n < 0 || n > MaxRangeBytes {
 		return nil, fmt.Errorf("read range of blob %s: bad range off=%d n=%d", blob, off, n)
 	}
+	buf := make([]byte, n)
+	if err := c.ReadRangeInto(ctx, ref, blob, off, buf, nil); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// PaceStep is how many bytes of a range's body ReadRangeInto reads between
+// two calls of its pace function.
+const PaceStep = 256 << 10
+
+// ReadRangeInto is ReadRange reading the len(buf) bytes at off into buf,
+// which a caller can take from a pool: a fresh buffer of megabytes per
+// range costs a page fault and the zeroing of every page. When pace is not
+// nil, the body is read PaceStep bytes at a time and pace is called before
+// each step but the first: copying a range off the socket is CPU work,
+// and background work gives way there. buf's content is undefined after
+// an error.
+func (c *Client) ReadRangeInto(ctx context.Context, ref Ref, blob digest.Digest, off int64, buf []byte, pace func()) error {
+	n := int64(len(buf))
+	if off < 0 || n > MaxRangeBytes {
+		return fmt.Errorf("read range of blob %s: bad range off=%d n=%d", blob, off, n)
+	}
 	if n == 0 {
-		return []byte{}, nil
+		return nil
 	}
 	if err := blob.Validate(); err != nil {
-		return nil, fmt.Errorf("read range of %s: %w", ref, err)
+		return fmt.Errorf("read range of %s: %w", ref, err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
 	defer cancel()
-	var out []byte
 	err := c.eachReadHost(ctx, ref.Host, func(host string) error {
 		var err error
 		for attempt := 0; ; attempt++ {
-			out, err = c.readRange(ctx, host, ref.Repository, blob, off, n)
+			err = c.readRange(ctx, host, ref.Repository, blob, off, buf, pace)
 			// Status codes are retried by the transport; here only bodies
 			// cut short mid-read.
 			if err == nil || attempt >= c.opts.Retries || ctx.Err() != nil || !bodyCut(err) {
@@ -144,9 +166,9 @@ func (c *Client) ReadRange(ctx context.Context, ref Ref, blob digest.Digest, off
 		}
 	})
 	if err != nil {
-		return nil, fmt.Errorf("read range [%d,+%d) of blob %s in %s: %w", off, n, blob, ref.Name(), err)
+		return fmt.Errorf("read range [%d,+%d) of blob %s in %s: %w", off, n, blob, ref.Name(), err)
 	}
-	return out, nil
+	return nil
 }
 
 func bodyCut(err error) bool {
@@ -157,23 +179,24 @@ func bodyCut(err error) bool {
 // the registry redirected an earlier read of the blob there (blobLocations),
 // else from the registry, remembering where it redirected to. A location
 // that fails is forgotten and the registry asked again, once.
-func (c *Client) readRange(ctx context.Context, host, repo string, blob digest.Digest, off, n int64) ([]byte, error) {
+func (c *Client) readRange(ctx context.Context, host, repo string, blob digest.Digest, off int64, buf []byte, pace func()) error {
+	n := int64(len(buf))
 	rangeHeader := http.Header{"Range": {fmt.Sprintf("bytes=%d-%d", off, off+n-1)}}
 	key := host + "/" + repo + "@" + blob.String()
 	if loc, ok := c.locations.get(key); ok {
-		b, err := c.readRangeAt(ctx, loc, rangeHeader, off, n)
+		err := c.readRangeAt(ctx, loc, rangeHeader, off, buf, pace)
 		if err == nil || ctx.Err() != nil {
-			return b, err
+			return err
 		}
 		c.locations.forget(key, loc)
 		log.G(ctx).WithError(err).WithFields(log.Fields{"host": host, "repository": repo, "blob": blob, "op": "read-range"}).Debug("blob storage location failed, asking the registry again")
 	}
 	resp, err := c.get(ctx, host, repo, "/blobs/"+blob.String(), rangeHeader)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
-	b, err := rangeBody(resp, off, n)
+	err = rangeBody(resp, off, buf, pace)
 	if err == nil && resp.Request.Response != nil && resp.Request.URL.Host != host {
 		// The registry redirected to blob storage or a CDN: later reads
 		// of this blob go there directly, saving a round trip each. (A
@@ -182,62 +205,72 @@ func (c *Client) readRange(ctx context.Context, host, repo string, blob digest.D
 		c.locations.put(key, resp.Request.URL)
 		c.redirects.Add(1)
 	}
-	return b, err
+	return err
 }
 
 // readRangeAt reads a range from a blob storage location. It sends no
 // registry credentials (a signed location carries its own).
-func (c *Client) readRangeAt(ctx context.Context, loc *url.URL, header http.Header, off, n int64) ([]byte, error) {
+func (c *Client) readRangeAt(ctx context.Context, loc *url.URL, header http.Header, off int64, buf []byte, pace func()) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, loc.String(), nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for k, v := range header {
 		req.Header[k] = v
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, classify(err)
+		return classify(err)
 	}
 	defer resp.Body.Close()
-	return rangeBody(resp, off, n)
+	return rangeBody(resp, off, buf, pace)
 }
 
-// rangeBody reads the n bytes at off from the answer to a range request.
-func rangeBody(resp *http.Response, off, n int64) ([]byte, error) {
+// rangeBody reads the len(buf) bytes at off from the answer to a range
+// request into buf, calling pace between steps when it is not nil.
+func rangeBody(resp *http.Response, off int64, buf []byte, pace func()) error {
+	n := int64(len(buf))
 	end := off + n - 1
-	buf := make([]byte, n)
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 		start, last, _, err := parseContentRange(resp.Header.Get("Content-Range"))
 		if err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrRangeMismatch, err)
+			return fmt.Errorf("%w: %w", ErrRangeMismatch, err)
 		}
 		if start != off || last != end {
-			return nil, fmt.Errorf("%w: asked bytes %d-%d, got Content-Range %q", ErrRangeMismatch, off, end, resp.Header.Get("Content-Range"))
+			return fmt.Errorf("%w: asked bytes %d-%d, got Content-Range %q", ErrRangeMismatch, off, end, resp.Header.Get("Content-Range"))
 		}
 		if resp.ContentLength >= 0 && resp.ContentLength != n {
-			return nil, fmt.Errorf("%w: Content-Length %d for %d bytes", ErrRangeMismatch, resp.ContentLength, n)
+			return fmt.Errorf("%w: Content-Length %d for %d bytes", ErrRangeMismatch, resp.ContentLength, n)
 		}
 	case http.StatusOK:
 		if off+n > maxIgnoredRange {
-			return nil, fmt.Errorf("%w: registry ignored Range and the range ends past %d bytes", ErrRangeMismatch, maxIgnoredRange)
+			return fmt.Errorf("%w: registry ignored Range and the range ends past %d bytes", ErrRangeMismatch, maxIgnoredRange)
 		}
 		if resp.ContentLength >= 0 && resp.ContentLength < off+n {
-			return nil, fmt.Errorf("%w: blob has %d bytes, range ends at %d", ErrRangeMismatch, resp.ContentLength, off+n)
+			return fmt.Errorf("%w: blob has %d bytes, range ends at %d", ErrRangeMismatch, resp.ContentLength, off+n)
 		}
 		if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
-			return nil, classify(unexpected(err))
+			return classify(unexpected(err))
 		}
 	case http.StatusRequestedRangeNotSatisfiable:
-		return nil, fmt.Errorf("%w: %s (Content-Range %q)", ErrRangeMismatch, resp.Status, resp.Header.Get("Content-Range"))
+		return fmt.Errorf("%w: %s (Content-Range %q)", ErrRangeMismatch, resp.Status, resp.Header.Get("Content-Range"))
 	default:
-		return nil, statusError(resp)
+		return statusError(resp)
 	}
-	if _, err := io.ReadFull(resp.Body, buf); err != nil {
-		return nil, classify(unexpected(err))
+	step := len(buf)
+	if pace != nil {
+		step = PaceStep
 	}
-	return buf, nil
+	for at := 0; at < len(buf); at += step {
+		if at > 0 {
+			pace()
+		}
+		if _, err := io.ReadFull(resp.Body, buf[at:min(at+step, len(buf))]); err != nil {
+			return classify(unexpected(err))
+		}
+	}
+	return nil
 }
 
 func unexpected(err error) error {

@@ -237,6 +237,23 @@ func TestBlobs(t *testing.T) {
 			}
 		})
 	}
+	// A background reader reads into a buffer of its own, reused, and
+	// gives way between steps of the body.
+	t.Run("range into a reused buffer, paced", func(t *testing.T) {
+		buf := make([]byte, 4*PaceStep+100)
+		for _, off := range []int64{1<<20 + 3, 17} {
+			paces := 0
+			if err := c.ReadRangeInto(ctx, rref, desc.Digest, off, buf, func() { paces++ }); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(buf, data[off:off+int64(len(buf))]) {
+				t.Fatalf("ReadRangeInto at %d: wrong bytes", off)
+			}
+			if paces != 4 {
+				t.Fatalf("ReadRangeInto of %d bytes: paced %d times, want 4 (between 5 steps)", len(buf), paces)
+			}
+		}
+	})
 
 	t.Run("push exists mount", func(t *testing.T) {
 		other := Ref{Host: ref.Host, Repository: "other", Tag: "latest"}

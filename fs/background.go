@@ -238,7 +238,7 @@ func (p *hostPool) work() {
 			continue
 		}
 		th.setLow(t.verify || t.why == causeBackground)
-		p.run(t)
+		p.run(t, th)
 	}
 }
 
@@ -352,13 +352,17 @@ func (p *hostPool) finish(t *task, err error) {
 }
 
 // run performs t and reports it to its layer.
-func (p *hostPool) run(t *task) {
+func (p *hostPool) run(t *task, th *workerThread) {
 	j := t.job
+	ctx := j.ctx
+	if th.ok {
+		ctx = onWorkerThread(ctx)
+	}
 	var err error
 	if t.verify {
-		err = j.complete(j.ctx, p)
+		err = j.complete(ctx, p)
 	} else {
-		err = p.fetch(j.ctx, t)
+		err = p.fetch(ctx, t)
 	}
 	p.finish(t, err)
 }

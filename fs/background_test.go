@@ -33,11 +33,11 @@ type recordingRegistry struct {
 	calls []rangeCall
 }
 
-func (r *recordingRegistry) ReadRange(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off, n int64) ([]byte, error) {
+func (r *recordingRegistry) ReadRangeInto(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off int64, buf []byte, pace func()) error {
 	r.mu.Lock()
-	r.calls = append(r.calls, rangeCall{blob, off, n})
+	r.calls = append(r.calls, rangeCall{blob, off, int64(len(buf))})
 	r.mu.Unlock()
-	return r.Client.ReadRange(ctx, ref, blob, off, n)
+	return r.Client.ReadRangeInto(ctx, ref, blob, off, buf, pace)
 }
 
 func (r *recordingRegistry) ranges() []rangeCall {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 )
 
 // Background work gives way to the node's containers. A container that has
@@ -288,6 +289,46 @@ type podBudget struct {
 	// worked is when the run last came out of podPause: the work since
 	// then sets the next pause once the budget is spent.
 	worked time.Time
+	// On a worker's locked thread (onWorkerThread), the work is the
+	// thread's CPU time since workedCPU: a run reading a range off the
+	// socket spends most of its time waiting for the link, which is
+	// not work to pay for with a pause.
+	threadCPU bool
+	workedCPU time.Duration
+}
+
+type workerThreadKey struct{}
+
+// onWorkerThread marks ctx as used by a goroutine locked to its thread
+// (lockWorkerThread) for as long as ctx is: the thread's CPU time is the
+// goroutine's.
+func onWorkerThread(ctx context.Context) context.Context {
+	return context.WithValue(ctx, workerThreadKey{}, true)
+}
+
+// threadCPUTime is the calling thread's CPU time, 0 when not known.
+func threadCPUTime() time.Duration {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts) != nil {
+		return 0
+	}
+	return time.Duration(ts.Nano())
+}
+
+// work is what the run did since it last came out of podPause.
+func (b *podBudget) work() time.Duration {
+	if b.threadCPU {
+		return threadCPUTime() - b.workedCPU
+	}
+	return time.Since(b.worked)
+}
+
+// markWorked starts counting the run's work anew.
+func (b *podBudget) markWorked() {
+	b.worked = time.Now()
+	if b.threadCPU {
+		b.workedCPU = threadCPUTime()
+	}
 }
 
 type podBudgetKey struct{}
@@ -298,7 +339,9 @@ func (w *podWatch) withBudget(ctx context.Context) context.Context {
 	if w == nil {
 		return ctx
 	}
-	return context.WithValue(ctx, podBudgetKey{}, w.newBudget())
+	b := w.newBudget()
+	b.threadCPU = ctx.Value(workerThreadKey{}) != nil
+	return context.WithValue(ctx, podBudgetKey{}, b)
 }
 
 // newBudget is a whole budget, as of the idle stretches seen so far.
@@ -352,8 +395,9 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 	}
 }
 
-// podPause is called inside a background run's CPU work, between its
-// chunks (decoding, hashing, writing them), and inside a layer's check: a
+// podPause is called inside a background run's CPU work, between steps of
+// reading its range off the socket, between its chunks (decoding, hashing,
+// writing them), and inside a layer's check: a
 // run that was under way when the pods got busy stops within a sample,
 // rather than finishing tens of milliseconds of work meanwhile. It waits
 // while the last sample shows the pods busy, against the budget in ctx
@@ -361,7 +405,8 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 //
 // Once the budget is spent, a run still gives way while the pods are
 // busy, by a share of its time rather than all of it: it pauses for
-// podDutyRatio times the work it did since its last pause (at most
+// podDutyRatio times the work it did since its last pause (CPU time on a
+// worker's thread, else time; at most
 // podDutyMax), after the pauses other runs booked before it (dutyAfter),
 // so that background runs together take about a third of a CPU at most
 // beside busy pods, in stretches of one chunk's work; a pause ends early
@@ -378,8 +423,8 @@ func podPause(ctx context.Context) {
 	if !ok {
 		return
 	}
-	work := time.Since(b.worked) // since the last pause, not counting this one's waits
-	defer func() { b.worked = time.Now() }()
+	work := b.work() // since the last pause, not counting this one's waits
+	defer b.markWorked()
 	now, hold := b.w.busy(ctx)
 	for now && b.remaining() > 0 {
 		start := time.Now()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -316,5 +317,50 @@ func TestPodPauseShared(t *testing.T) {
 	}
 	if first := pauses[0]; first > podDutyRatio*5*time.Millisecond+15*time.Millisecond {
 		t.Errorf("the first run's pause ended after %v, want about %v", first, podDutyRatio*5*time.Millisecond)
+	}
+}
+
+// TestPodPauseThreadCPU: on a worker's locked thread, the pause after a
+// stretch of a run is a share of the CPU the thread used in it, not of the
+// time it took: a run that waited 40 ms for the link (reading a range off
+// the socket) and used no CPU pauses for no more than a sample, and one
+// that computed for 5 ms pauses for about podDutyRatio times that.
+func TestPodPauseThreadCPU(t *testing.T) {
+	if threadCPUTime() == 0 {
+		t.Fatal("CLOCK_THREAD_CPUTIME_ID gives no time")
+	}
+	cg := &fakeCgroup{}
+	w := newPodWatch(podWatchOptions{cgroups: []string{"/kubepods"}, share: 0.25, cpus: 2, window: time.Second, read: cg.read})
+	cg.set(2)
+	for range 3 {
+		time.Sleep(podSample + 2*time.Millisecond)
+		w.busy(t.Context())
+	}
+	type result struct{ waited, computed time.Duration }
+	done := make(chan result)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		ctx := w.withBudget(onWorkerThread(t.Context()))
+		b := ctx.Value(podBudgetKey{}).(*podBudget)
+		b.left = 0 // spent: every pause is a share of the work
+		podPause(ctx)
+		time.Sleep(40 * time.Millisecond)
+		start := time.Now()
+		podPause(ctx)
+		waited := time.Since(start)
+		for spin := threadCPUTime(); threadCPUTime()-spin < 5*time.Millisecond; {
+		}
+		start = time.Now()
+		podPause(ctx)
+		done <- result{waited, time.Since(start)}
+	}()
+	r := <-done
+	if r.waited > 12*time.Millisecond {
+		t.Errorf("after 40 ms asleep, no CPU used: paused %v, want at most about a sample", r.waited)
+	}
+	want := podDutyRatio * 5 * time.Millisecond
+	if r.computed < want-2*time.Millisecond || r.computed > want+25*time.Millisecond {
+		t.Errorf("after 5 ms of CPU: paused %v, want about %v", r.computed, want)
 	}
 }

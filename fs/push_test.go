@@ -173,14 +173,14 @@ type gatedRegistry struct {
 	waiting atomic.Int64
 }
 
-func (g *gatedRegistry) ReadRange(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off, n int64) ([]byte, error) {
+func (g *gatedRegistry) ReadRangeInto(ctx context.Context, ref fetcher.Ref, blob digest.Digest, off int64, buf []byte, pace func()) error {
 	g.waiting.Add(1)
 	select {
 	case <-g.open:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
-	return g.Client.ReadRange(ctx, ref, blob, off, n)
+	return g.Client.ReadRangeInto(ctx, ref, blob, off, buf, pace)
 }
 
 // TestPushWaitsForPrefetch: the push of a listed file fetches nothing

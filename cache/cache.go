@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -192,7 +193,7 @@ func (s *Store) index() error {
 			if err != nil {
 				return err
 			}
-			if d.Validate() != nil || !de.Type().IsRegular() || s.path(d) != p {
+			if validDigest(d) != nil || !de.Type().IsRegular() || s.path(d) != p {
 				logrus.WithFields(logrus.Fields{"op": "cache-index", "path": p}).Warn("removing stray file from chunk cache")
 				return os.Remove(p)
 			}
@@ -341,7 +342,7 @@ func (s *Store) get(d digest.Digest, promote, check bool) ([]byte, bool) {
 
 // getInto reads chunk d, from disk into buf when its capacity holds it.
 func (s *Store) getInto(d digest.Digest, promote, check bool, buf []byte) ([]byte, bool) {
-	if d.Validate() != nil {
+	if validDigest(d) != nil {
 		s.misses.Add(1)
 		return nil, false
 	}
@@ -476,7 +477,7 @@ func (s *Store) PutCold(d digest.Digest, b []byte) error {
 // hashed to d itself (a chunk artifact.DecodeChunk decoded and checked):
 // it does not hash them a second time. d must be a valid digest.
 func (s *Store) PutVerified(d digest.Digest, b []byte, cold bool) error {
-	if err := d.Validate(); err != nil {
+	if err := validDigest(d); err != nil {
 		return fmt.Errorf("cache put %q: %w", d, err)
 	}
 	if cold {
@@ -496,7 +497,7 @@ func (s *Store) PutVerifiedRun(ds []digest.Digest, bs [][]byte, cold bool) error
 		return fmt.Errorf("cache put run: %d digests for %d chunks", len(ds), len(bs))
 	}
 	for _, d := range ds {
-		if err := d.Validate(); err != nil {
+		if err := validDigest(d); err != nil {
 			return fmt.Errorf("cache put %q: %w", d, err)
 		}
 	}
@@ -584,7 +585,7 @@ func (s *Store) putPack(ds []digest.Digest, bs [][]byte) error {
 
 // checkPut checks that d is a valid digest and b hashes to it.
 func checkPut(d digest.Digest, b []byte) error {
-	if err := d.Validate(); err != nil {
+	if err := validDigest(d); err != nil {
 		return fmt.Errorf("cache put %q: %w", d, err)
 	}
 	if !verify(d, b) {
@@ -837,7 +838,7 @@ func (s *Store) Do(ctx context.Context, d digest.Digest, fetch func(ctx context.
 	if b, ok := s.Get(d); ok {
 		return b, nil
 	}
-	if err := d.Validate(); err != nil {
+	if err := validDigest(d); err != nil {
 		return nil, fmt.Errorf("cache fetch %q: %w", d, err)
 	}
 	s.mu.Lock()
@@ -1001,4 +1002,22 @@ func (s *Store) Close() error {
 	s.cancel()
 	s.wg.Wait()
 	return nil
+}
+
+// validDigest is d.Validate with a fast path for the common case, a
+// sha256 digest in lowercase hex: Validate matches a regular expression,
+// a microsecond per chunk, which was a sixth of the CPU of storing a run
+// of small chunks.
+func validDigest(d digest.Digest) error {
+	if enc, ok := strings.CutPrefix(string(d), "sha256:"); ok && len(enc) == 64 {
+		hex := true
+		for i := 0; i < len(enc) && hex; i++ {
+			c := enc[i]
+			hex = '0' <= c && c <= '9' || 'a' <= c && c <= 'f'
+		}
+		if hex {
+			return nil
+		}
+	}
+	return d.Validate()
 }

@@ -3,11 +3,14 @@ package artifact
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
 )
 
 func TestTOCRoundTrip(t *testing.T) {
@@ -213,4 +216,44 @@ func TestMergeRanges(t *testing.T) {
 	if rs = MergeRanges(append(rs, r(0, 100))); !reflect.DeepEqual(rs, []Range{r(0, 100)}) {
 		t.Fatalf("ranges %v after one covering all, want [0, 100)", rs)
 	}
+}
+
+// BenchmarkDecodeChunk decodes and verifies a 1 MiB chunk (half text,
+// half random) as the snapshotter does, and with the decoder checking the
+// frames' xxhash checksums as well, which DecodeChunkTo skips: the sha256
+// digest covers the same bytes.
+func BenchmarkDecodeChunk(b *testing.B) {
+	const size = 1 << 20
+	data := make([]byte, 0, size)
+	for len(data) < size/2 {
+		data = fmt.Appendf(data, "line %d of a file that compresses well, as source and text do\n", len(data))
+	}
+	noise := make([]byte, size-len(data))
+	rand.NewChaCha8([32]byte{1}).Read(noise)
+	data = append(data, noise...)
+	frame := testEncoder.EncodeAll(data, nil)
+	c := Chunk{Size: size, CompressedSize: int64(len(frame)), Digest: digest.FromBytes(data)}
+	checked, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxChunkSize+1))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(checked.Close)
+	dst := make([]byte, 0, size)
+	b.Run("digest", func(b *testing.B) {
+		b.SetBytes(size)
+		for b.Loop() {
+			if _, err := DecodeChunkTo(c, frame, dst); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("digest and checksum", func(b *testing.B) {
+		b.SetBytes(size)
+		for b.Loop() {
+			out, err := checked.DecodeAll(frame, dst[:0])
+			if err != nil || digest.FromBytes(out) != c.Digest {
+				b.Fatal("decode", err)
+			}
+		}
+	})
 }

@@ -85,6 +85,7 @@ type Store struct {
 	flights map[digest.Digest]*flight
 	pins    map[digest.Digest]int // chunks spared by eviction, by pin count
 
+	openPacks *openPacks  // open pack files, for reads
 	dirs      sync.Map    // chunk directories known to exist
 	noTmpfile atomic.Bool // the filesystem refused O_TMPFILE
 
@@ -143,14 +144,15 @@ func Open(opts Options) (*Store, error) {
 		opts.MemoryBytes = DefaultMemoryBytes
 	}
 	s := &Store{
-		dir:      opts.Dir,
-		maxBytes: opts.MaxBytes,
-		memMax:   max(opts.MemoryBytes, 0),
-		disk:     make(map[digest.Digest]*list.Element),
-		diskLRU:  list.New(),
-		mem:      make(map[digest.Digest]*list.Element),
-		memLRU:   list.New(),
-		flights:  make(map[digest.Digest]*flight),
+		dir:       opts.Dir,
+		maxBytes:  opts.MaxBytes,
+		memMax:    max(opts.MemoryBytes, 0),
+		disk:      make(map[digest.Digest]*list.Element),
+		diskLRU:   list.New(),
+		mem:       make(map[digest.Digest]*list.Element),
+		memLRU:    list.New(),
+		flights:   make(map[digest.Digest]*flight),
+		openPacks: newOpenPacks(openPacksMax),
 	}
 	tmp := filepath.Join(s.dir, tmpDir)
 	if err := os.RemoveAll(tmp); err != nil {
@@ -372,7 +374,7 @@ func (s *Store) getInto(d digest.Digest, promote, check bool, buf []byte) ([]byt
 	var b []byte
 	var err error
 	if e.pack != nil {
-		b, err = readPacked(e, buf)
+		b, err = s.readPacked(e, buf)
 	} else {
 		b, err = readFileInto(p, buf)
 	}
@@ -800,6 +802,7 @@ func (s *Store) dropLocked(el *list.Element, op string) int64 {
 			return 0
 		}
 		freed = e.pack.bytes
+		s.openPacks.forget(e.pack)
 	}
 	s.size -= freed
 	if err := os.Remove(e.file(s)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -1001,6 +1004,7 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.cancel()
 	s.wg.Wait()
+	s.openPacks.closeAll()
 	return nil
 }
 

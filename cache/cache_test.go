@@ -628,6 +628,35 @@ func TestConcurrentMixed(t *testing.T) {
 	}
 }
 
+// BenchmarkGetPacked reads the 4 KiB chunks of a pack from disk in turn
+// (ReadColdUnchecked, as a layer's check does),
+// with the pack's file kept open (openPacks) and opened for each read.
+func BenchmarkGetPacked(b *testing.B) {
+	const n, size = 256, 4096
+	for _, keep := range []bool{true, false} {
+		b.Run(map[bool]string{true: "kept open", false: "opened each read"}[keep], func(b *testing.B) {
+			s := openStore(b, Options{MemoryBytes: -1})
+			if !keep {
+				s.openPacks.max = 0
+			}
+			ds, bs := make([]digest.Digest, n), make([][]byte, n)
+			for k := range n {
+				bs[k], ds[k] = chunk(fmt.Sprint("packed", k), size)
+			}
+			if err := s.PutVerifiedRun(ds, bs, true); err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]byte, 0, size)
+			b.SetBytes(size)
+			for i := 0; b.Loop(); i++ {
+				if _, ok := s.ReadColdUnchecked(ds[i%n], buf); !ok {
+					b.Fatal("miss")
+				}
+			}
+		})
+	}
+}
+
 func BenchmarkGet(b *testing.B) {
 	for _, bc := range []struct {
 		name   string

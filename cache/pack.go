@@ -40,6 +40,7 @@ type pack struct {
 	ds    []digest.Digest // every chunk written in it, in file order
 	bytes int64           // chunk bytes in the file, indexed or not
 	live  int             // chunks of ds the index points at it
+	file  packFile        // its open file, for reads (openPacks)
 }
 
 const (
@@ -141,21 +142,6 @@ func (s *Store) writePack(ds []digest.Digest, bs [][]byte) (string, []packEntry,
 		return "", nil, err
 	}
 	return p, ents, nil
-}
-
-// readPacked reads the bytes of one chunk of a pack, into buf when its
-// capacity holds them (a new slice otherwise).
-func readPacked(e *diskEntry, buf []byte) ([]byte, error) {
-	f, err := os.Open(e.pack.path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b := sized(buf, int64(e.size))
-	if _, err := f.ReadAt(b, e.off); err != nil {
-		return nil, fmt.Errorf("read chunk at %d of pack %s: %w", e.off, e.pack.path, err)
-	}
-	return b, nil
 }
 
 // writeAll writes every byte of bs to fd, with as few system calls as

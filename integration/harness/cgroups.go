@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
+	"time"
 )
 
 // CPU groups: on a kubelet node the pods do not compete for the CPUs
@@ -128,7 +130,15 @@ func newNodeCPU(t TB, prefix, podsCgroup string) (*NodeCPU, error) {
 					_ = os.WriteFile(filepath.Join(root, "cgroup.procs"), []byte(pid), 0o644)
 				}
 			}
-			if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
+			// A run cut short (an interrupted bench) can leave a pod's
+			// cgroup below, empty once its processes have exited.
+			err := os.Remove(d)
+			for try := 0; err != nil && errors.Is(err, syscall.EBUSY) && try < 20; try++ {
+				time.Sleep(100 * time.Millisecond)
+				removeEmptyBelow(d)
+				err = os.Remove(d)
+			}
+			if err != nil && !os.IsNotExist(err) {
 				t.Logf("remove cgroup %s: %v", d, err)
 			}
 		}
@@ -177,4 +187,20 @@ func newNodeCPU(t TB, prefix, podsCgroup string) (*NodeCPU, error) {
 		Remote: &CPUGroup{dir: remote},
 		Shares: fmt.Sprintf("%s: pods (kubepods) %d, BestEffort within them 2, containerd and the snapshotter 1024, registry side 2", unit, podShares),
 	}, nil
+}
+
+// removeEmptyBelow removes the cgroups below d, deepest first, that hold
+// no process; the kernel refuses the others.
+func removeEmptyBelow(d string) {
+	ents, err := os.ReadDir(d)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			sub := filepath.Join(d, e.Name())
+			removeEmptyBelow(sub)
+			_ = os.Remove(sub)
+		}
+	}
 }

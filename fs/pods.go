@@ -32,7 +32,11 @@ import (
 //   - while their average use (exponential, over the window, 1 s) is above
 //     that share: after a busy startup it stays up for a moment, which
 //     covers the first requests right after readiness, while a short burst
-//     of a busy node barely moves it.
+//     of a busy node barely moves it;
+//   - for 50 ms after a sample over the share, while their average is
+//     over half of it: a startup of a second does not lift the average
+//     over the share, and a service's first requests leave samples under
+//     it between them (a burst on a quiet node still holds nothing back).
 //
 // A run already under way when the pods get busy pauses between its
 // chunks (decoding, hashing, writing) while the last sample shows them
@@ -54,6 +58,12 @@ const (
 	// podSample is the shortest time between two samples of the pods'
 	// CPU time; their use is the difference over it.
 	podSample = 10 * time.Millisecond
+	// podRecent is how long the pods count as busy after a sample over
+	// their share, while their average is over half of it: a service's
+	// first requests, a few milliseconds each with the client's turn
+	// between them, leave some 10 ms samples under the share, and a
+	// startup of a second or two does not lift the average over it.
+	podRecent = 50 * time.Millisecond
 	// podStale is how old a sample may be and still be the start of the
 	// next difference: older, a fresh pair is taken.
 	podStale = 200 * time.Millisecond
@@ -109,8 +119,9 @@ type podWatch struct {
 	findAt    time.Time
 	sampledAt time.Time
 	usage     time.Duration
-	now       bool    // the last sample was over the share
-	average   float64 // CPUs, exponential over opts.window
+	now       bool      // the last sample was over the share
+	busyAt    time.Time // when the last sample over the share was taken
+	average   float64   // CPUs, exponential over opts.window
 
 	waited atomic.Int64 // nanoseconds background work waited for the pods
 
@@ -242,7 +253,8 @@ func (w *podWatch) busy(ctx context.Context) (now, hold bool) {
 
 // stateLocked is busy's answer from the samples taken.
 func (w *podWatch) stateLocked() (now, hold bool) {
-	return w.now, w.now || w.over(w.average)
+	recent := w.sampledAt.Sub(w.busyAt) < podRecent && w.over(2*w.average)
+	return w.now, w.now || w.over(w.average) || recent
 }
 
 // over reports whether the pods using cpus CPUs are over their share of
@@ -264,6 +276,9 @@ func (w *podWatch) sampleLocked(now time.Time) bool {
 		dt := now.Sub(w.sampledAt)
 		cpus := float64(u-w.usage) / float64(dt)
 		w.now = w.over(cpus)
+		if w.now {
+			w.busyAt = now
+		}
 		if w.idleN++; w.now {
 			w.idleN = 0
 		} else if w.idleN == podIdleSamples {
@@ -295,6 +310,21 @@ type podBudget struct {
 	// not work to pay for with a pause.
 	threadCPU bool
 	workedCPU time.Duration
+	// For the run's debug log line: how long the run waited for the pods
+	// in all, its pauses for a share of its work, their time, and the
+	// work they were for.
+	dutyPauses                  int
+	waited, dutyWaited, dutyFor time.Duration
+}
+
+// budgetLog returns the fields of the budget in ctx for a log line.
+func budgetLog(ctx context.Context) logrus.Fields {
+	b, ok := ctx.Value(podBudgetKey{}).(*podBudget)
+	if !ok {
+		return nil
+	}
+	return logrus.Fields{"duty_pauses": b.dutyPauses, "waited_ms": b.waited.Milliseconds(),
+		"duty_waited_ms": b.dutyWaited.Milliseconds(), "duty_for_ms": b.dutyFor.Milliseconds(), "budget_left_ms": b.left.Milliseconds()}
 }
 
 type workerThreadKey struct{}
@@ -388,6 +418,7 @@ func (w *podWatch) wait(ctx context.Context, limit time.Duration) {
 		}
 		at := time.Now()
 		w.waited.Add(int64(at.Sub(last)))
+		b.waited += at.Sub(last)
 		if now {
 			b.draw(at.Sub(last))
 		}
@@ -435,12 +466,17 @@ func podPause(ctx context.Context) {
 		}
 		d := time.Since(start)
 		b.w.waited.Add(int64(d))
+		b.waited += d
 		b.draw(d)
 		now, hold = b.w.busy(ctx)
 	}
 	if b.worked.IsZero() || !hold {
 		return
 	}
+	b.dutyPauses++
+	b.dutyFor += work
+	dutyStart := time.Now()
+	defer func() { b.dutyWaited += time.Since(dutyStart); b.waited += time.Since(dutyStart) }()
 	until := b.w.dutyAfter(time.Now(), min(podDutyRatio*work, podDutyMax))
 	for {
 		d := time.Until(until)

@@ -364,3 +364,53 @@ func TestPodPauseThreadCPU(t *testing.T) {
 		t.Errorf("after 5 ms of CPU: paused %v, want about %v", r.computed, want)
 	}
 }
+
+// TestPodWatchRecent: after a startup of under a second, which leaves the
+// pods' average under their share, requests that keep them over it in some
+// samples and under it in others hold background work back throughout,
+// and for podRecent after the last busy sample; not on a quiet node.
+func TestPodWatchRecent(t *testing.T) {
+	w := newPodWatch(podWatchOptions{cgroups: []string{"/kubepods"}, share: 0.25, cpus: 2, window: time.Second})
+	file := filepath.Join(t.TempDir(), "cpuacct.usage")
+	var usage time.Duration
+	at := time.Now()
+	sample := func(cpus float64) (now, hold bool) {
+		t.Helper()
+		at = at.Add(podSample)
+		usage += time.Duration(float64(podSample) * cpus)
+		if err := os.WriteFile(file, []byte(strconv.FormatInt(int64(usage), 10)+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		w.file = file
+		if !w.sampleLocked(at) {
+			t.Fatal("sample failed")
+		}
+		return w.stateLocked()
+	}
+	sample(0)
+	for range 70 { // a startup: 0.8 CPU for 700 ms
+		sample(0.8)
+	}
+	if w.over(w.average) {
+		t.Fatalf("average %.2f CPUs after the startup; the test wants it under the share", w.average)
+	}
+	for i := range 20 { // requests: idle, busy, idle, busy...
+		cpus := 1.2
+		if i%2 == 0 {
+			cpus = 0.2
+		}
+		if _, hold := sample(cpus); !hold {
+			t.Fatalf("request sample %d (%.1f CPUs): not held", i, cpus)
+		}
+	}
+	held := 0
+	for range 20 {
+		if _, hold := sample(0); hold {
+			held++
+		}
+	}
+	// The samples 10 to 40 ms after the last busy one.
+	if want := int(podRecent/podSample) - 1; held != want {
+		t.Errorf("held for %d idle samples after the requests, want %d", held, want)
+	}
+}

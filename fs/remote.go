@@ -180,11 +180,19 @@ const storeStep = 1 << 20
 // any CPU and at the daemon's priority, once per few hundred MiB
 // fetched).
 func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, why cause, keep bool) ([][]byte, error) {
+	start := time.Now()
 	b, err := r.readRun(ctx, cs, why)
 	if err != nil {
 		return nil, err
 	}
 	defer putChunkBuf(b)
+	read := time.Since(start)
+	if why != causeOnDemand {
+		defer func() {
+			r.log.WithFields(logrus.Fields{"op": "fetch-run", "cause": why.String(), "chunk": cs[0].Digest, "chunks": len(cs), "bytes": len(b),
+				"read_ms": read.Milliseconds(), "rest_ms": (time.Since(start) - read).Milliseconds()}).WithFields(budgetLog(ctx)).Debug("run fetched and stored")
+		}()
+	}
 	if why == causeBackground {
 		// Decompressing, hashing and writing a background run is the
 		// daemon's heaviest CPU work: it takes one of backgroundCPU's

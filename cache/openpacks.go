@@ -43,7 +43,9 @@ func (c *openPacks) open(pk *pack) (*os.File, func(), error) {
 	c.mu.Lock()
 	if pf := &pk.file; pf.f != nil {
 		pf.refs++
-		c.touchLocked(pk)
+		if !pf.gone {
+			c.touchLocked(pk) // a dropped pack's file closes with its last reader
+		}
 		c.mu.Unlock()
 		return pf.f, func() { c.release(pk) }, nil
 	}

@@ -289,8 +289,13 @@ func (r *remoteReader) readRun(ctx context.Context, cs []artifact.Chunk, why cau
 		defer done()
 	}
 	var pace func()
+	var paused time.Duration // not the registry's: left out of the latency
 	if why == causeBackground {
-		pace = func() { podPause(ctx) }
+		pace = func() {
+			at := time.Now()
+			podPause(ctx)
+			paused += time.Since(at)
+		}
 	}
 	b := getChunkBuf(n)[:n]
 	start := time.Now()
@@ -298,7 +303,7 @@ func (r *remoteReader) readRun(ctx context.Context, cs []artifact.Chunk, why cau
 		putChunkBuf(b)
 		return nil, fmt.Errorf("fetch %d chunks at %d of blob %s: %w", len(cs), off, r.blob, err)
 	}
-	r.stats.latency.observe(time.Since(start))
+	r.stats.latency.observe(time.Since(start) - paused)
 	r.stats.fetchRequests.Add(1)
 	r.stats.fetchedBytes.Add(int64(len(b)))
 	r.stats.byCause[why].Add(int64(len(b)))

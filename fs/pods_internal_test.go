@@ -98,17 +98,16 @@ func TestPodWatchFindsCgroup(t *testing.T) {
 	}
 }
 
-// TestPodWatchAverage: with the pods' CPU time read from a file the test
-// writes, the last sample holds background work while the pods are busy;
-// after a busy startup the average keeps it back for about half a second
-// (1 s window, one CPU busy for 2 s, a limit of half a CPU); a 10 ms burst
-// on an idle node holds it for that sample only.
-func TestPodWatchAverage(t *testing.T) {
+// usageSampler returns a watch of the share of two CPUs the tests use,
+// and a function that lets the pods run at cpus for d of test time, writes
+// their CPU time to the file the watch reads, takes a sample and returns
+// the watch's state.
+func usageSampler(t *testing.T) (*podWatch, func(d time.Duration, cpus float64) (now, hold bool)) {
 	file := filepath.Join(t.TempDir(), "cpuacct.usage")
 	w := newPodWatch(podWatchOptions{cgroups: []string{filepath.Dir(file)}, share: 0.25, cpus: 2, window: time.Second})
 	var usage time.Duration
 	at := time.Now()
-	sample := func(d time.Duration, cpus float64) (now, hold bool) {
+	return w, func(d time.Duration, cpus float64) (now, hold bool) {
 		t.Helper()
 		at = at.Add(d)
 		usage += time.Duration(float64(d) * cpus)
@@ -121,6 +120,15 @@ func TestPodWatchAverage(t *testing.T) {
 		}
 		return w.stateLocked()
 	}
+}
+
+// TestPodWatchAverage: with the pods' CPU time read from a file the test
+// writes, the last sample holds background work while the pods are busy;
+// after a busy startup the average keeps it back for about half a second
+// (1 s window, one CPU busy for 2 s, a limit of half a CPU); a 10 ms burst
+// on an idle node holds it for that sample only.
+func TestPodWatchAverage(t *testing.T) {
+	_, sample := usageSampler(t)
 	sample(0, 0)
 	if now, hold := sample(10*time.Millisecond, 0.1); now || hold {
 		t.Errorf("idle pods: now %v hold %v", now, hold)
@@ -370,22 +378,10 @@ func TestPodPauseThreadCPU(t *testing.T) {
 // samples and under it in others hold background work back throughout,
 // and for podRecent after the last busy sample; not on a quiet node.
 func TestPodWatchRecent(t *testing.T) {
-	w := newPodWatch(podWatchOptions{cgroups: []string{"/kubepods"}, share: 0.25, cpus: 2, window: time.Second})
-	file := filepath.Join(t.TempDir(), "cpuacct.usage")
-	var usage time.Duration
-	at := time.Now()
+	w, sampleFor := usageSampler(t)
 	sample := func(cpus float64) (now, hold bool) {
 		t.Helper()
-		at = at.Add(podSample)
-		usage += time.Duration(float64(podSample) * cpus)
-		if err := os.WriteFile(file, []byte(strconv.FormatInt(int64(usage), 10)+"\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		w.file = file
-		if !w.sampleLocked(at) {
-			t.Fatal("sample failed")
-		}
-		return w.stateLocked()
+		return sampleFor(podSample, cpus)
 	}
 	sample(0)
 	for range 70 { // a startup: 0.8 CPU for 700 ms

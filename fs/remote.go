@@ -187,7 +187,8 @@ func (r *remoteReader) fetchAndStore(ctx context.Context, cs []artifact.Chunk, w
 	}
 	defer putChunkBuf(b)
 	read := time.Since(start)
-	if why != causeOnDemand {
+	if why != causeOnDemand && r.log.Logger.IsLevelEnabled(logrus.DebugLevel) {
+		// Built only when it is logged: a map and its fields per run.
 		defer func() {
 			r.log.WithFields(logrus.Fields{"op": "fetch-run", "cause": why.String(), "chunk": cs[0].Digest, "chunks": len(cs), "bytes": len(b),
 				"read_ms": read.Milliseconds(), "rest_ms": (time.Since(start) - read).Milliseconds()}).WithFields(budgetLog(ctx)).Debug("run fetched and stored")

@@ -133,7 +133,7 @@ func newNodeCPU(t TB, prefix, podsCgroup string) (*NodeCPU, error) {
 			// A run cut short (an interrupted bench) can leave a pod's
 			// cgroup below, empty once its processes have exited.
 			err := os.Remove(d)
-			for try := 0; err != nil && errors.Is(err, syscall.EBUSY) && try < 20; try++ {
+			for try := 0; errors.Is(err, syscall.EBUSY) && try < 20; try++ {
 				time.Sleep(100 * time.Millisecond)
 				removeEmptyBelow(d)
 				err = os.Remove(d)
